@@ -1,0 +1,141 @@
+"""The contract between the container and a symmetry codec.
+
+A codec turns one *group* of tensors (the embeddings, one transformer block, or the head) into one or more
+sections of words, and back. The container never looks inside: it stores each section's bytes (through the
+entropy stage), checksums them, and hands them back to the codec's decoder.
+
+Decoding a group yields its *decoded word sequence*: the words of the group's tensors, in `ModelDesc.tensors()`
+order, concatenated. The header's tensor table gives each tensor's offset in that sequence, so the container can
+slice tensors out of any codec's output.
+
+Encoders are streaming and stateful: groups arrive in push order (embed, layer.0 .. layer.L-1, head) and an
+encoder may carry a small state from one group to the next (e.g. the rotation a symmetry applies to the next
+block). Memory stays bounded by one group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import UnknownCodecError
+from ..models.arch import ModelDesc
+
+SECTION_KINDS = ("initial", "block", "correction", "head", "aux")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A 2-D run of words inside a section payload, for the entropy stage's row/column modelling."""
+
+    offset: int  # in words
+    rows: int
+    cols: int
+
+
+@dataclass
+class SectionData:
+    """One section a codec produced: its kind and its raw payload (before the entropy stage)."""
+
+    kind: str
+    payload: bytes  # raw bytes: words (little-endian) or an opaque byte payload
+    word_size: int  # 2 or 4 for word payloads; 1 for opaque bytes (the entropy stage then uses plain zstd)
+    segments: tuple[Segment, ...] = ()
+    corrections: int = 0  # number of correction records (correction sections only)
+
+
+@dataclass
+class EncodedGroup:
+    sections: list[SectionData]
+    # The words the decoder will reproduce (within the codec's tolerance), name -> word array of the tensor's
+    # shape. `bbf verify` and the tests compare the decoded file against these.
+    canonical: dict[str, np.ndarray]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class GroupEncoder:
+    def encode(self, group: str, tensors: dict[str, torch.Tensor]) -> EncodedGroup:  # pragma: no cover
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Any]:
+        """Codec state/stats to store in the header under codec["state"] (may be empty)."""
+        return {}
+
+
+class GroupDecoder:
+    def decode(self, group: str, sections: dict[str, bytes]) -> np.ndarray:  # pragma: no cover
+        """Raw section payloads by kind -> the group's decoded word sequence."""
+        raise NotImplementedError
+
+
+class Codec:
+    """A codec: small, validated on construction, serialised as {"id": ..., "params": {...}}."""
+
+    id: ClassVar[str]
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise TypeError(f"codec {self.id!r} takes no parameters, got {sorted(params)}")
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        return {"id": self.id, "params": self.params()}
+
+    def encoder(self, desc: ModelDesc, dtype: str) -> GroupEncoder:  # pragma: no cover
+        raise NotImplementedError
+
+    def decoder(self, desc: ModelDesc, dtype: str, state: dict[str, Any]) -> GroupDecoder:  # pragma: no cover
+        raise NotImplementedError
+
+    def sections_for(self, group: str) -> tuple[str, ...]:
+        """Section kinds this group has, in push order."""
+        if group == "embed":
+            return ("initial",)
+        if group == "head":
+            return ("head",)
+        return ("block", "correction")
+
+
+_REGISTRY: dict[str, type[Codec]] = {}
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    if cls.id in _REGISTRY and _REGISTRY[cls.id] is not cls:
+        raise ValueError(f"codec id {cls.id!r} is already registered")
+    _REGISTRY[cls.id] = cls
+    return cls
+
+
+def get_codec(codec_id: str, params: dict[str, Any] | None = None) -> Codec:
+    try:
+        cls = _REGISTRY[codec_id]
+    except KeyError:
+        raise UnknownCodecError(
+            f"unknown codec {codec_id!r} (this reader knows {sorted(_REGISTRY)}); a newer bbformat may read it"
+        ) from None
+    return cls(**(params or {}))
+
+
+def codec_ids() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def group_words(desc: ModelDesc, group: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """Concatenate a group's tensors (word arrays) in file order: the decoded word sequence."""
+    parts = [np.ascontiguousarray(tensors[t.name]).reshape(-1) for t in desc.group_tensors(group)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def group_segments(desc: ModelDesc, group: str, start: int = 0) -> tuple[Segment, ...]:
+    """2-D segments of a group's decoded word sequence (1-D tensors are left out)."""
+    segs, off = [], start
+    for t in desc.group_tensors(group):
+        if len(t.shape) == 2:
+            segs.append(Segment(off, t.shape[0], t.shape[1]))
+        off += t.numel
+    return tuple(segs)

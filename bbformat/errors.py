@@ -1,0 +1,42 @@
+"""One error hierarchy for everything a .bbf reader or writer can refuse.
+
+Every message names the problem and, where there is one, the section, so that the CLI can print a single line.
+"""
+
+from __future__ import annotations
+
+
+class BBFError(ValueError):
+    """Base class of every error bbformat raises on bad input or a bad file."""
+
+
+class FormatError(BBFError):
+    """The bytes are not a valid .bbf file (bad magic, bad layout, limits exceeded)."""
+
+
+class TruncatedError(FormatError):
+    """The file is shorter than its footer or index says."""
+
+
+class VersionError(FormatError):
+    """The file needs a newer reader (unknown major version)."""
+
+
+class UnknownCodecError(BBFError):
+    """The file, or the caller, names a codec id this reader does not know."""
+
+
+class ChecksumError(BBFError):
+    """A section's bytes do not match the checksum recorded in the index."""
+
+
+class RangeNotSupportedError(BBFError):
+    """An HTTP server ignored a Range request (answered 200 with the whole body)."""
+
+
+class ModelError(BBFError):
+    """A checkpoint does not match the SliceGPT layout the header or its JSON describes."""
+
+
+class VerifyError(BBFError):
+    """A decoded weight is further than the threshold from the original."""
