@@ -1,0 +1,102 @@
+"""The model layer: sliced forward, synthetic models, rotational invariance, HF consistency, SliceGPT I/O."""
+
+import pytest
+import torch
+
+from bbformat.errors import ModelError
+from bbformat.models.arch import apply_rotation
+from bbformat.models.sliced import SlicedLM
+from bbformat.models.synthetic import example_desc, random_orthogonal, random_slicegpt, tiny_desc
+
+FAMILIES = ("llama", "opt")
+
+
+def _ids(desc, B=2, T=12, seed=0):
+    return torch.randint(0, desc.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_opt125m_parameter_count():
+    desc = example_desc("opt-125m", 0.2)
+    assert desc.attn_input_dims[0] == 608 and desc.mlp_output_dims[-1] == 768
+    assert desc.num_params() == 147_250_880
+
+
+def test_example_widths_follow_slicegpt():
+    desc = example_desc("smollm2-135m", 0.25)
+    assert len(desc.tensors()) == 272
+    assert set(desc.attn_input_dims) == {432} and desc.mlp_output_dims[-1] == 576
+    assert example_desc("opt-1.3b", 0.3, num_layers=2).num_layers == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_shape_and_widths_differ(family):
+    desc = tiny_desc(family)
+    assert len({desc.attn_input_dims[0], desc.attn_output_dims[0], desc.mlp_output_dims[0]}) == 3
+    w = random_slicegpt(desc, seed=1)
+    model = SlicedLM(desc, w)
+    assert model.num_parameters() == desc.num_params()
+    assert set(model.state_dict()) == {t.name for t in desc.tensors()}  # SliceGPT names
+    logits = model(_ids(desc))
+    assert logits.shape == (2, 12, desc.vocab_size) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_incremental_load_matches(family):
+    desc = tiny_desc(family)
+    w = random_slicegpt(desc, seed=2, dtype=torch.float16)
+    full = SlicedLM(desc, w)
+    inc = SlicedLM.empty(desc)
+    for g in desc.groups():
+        assert inc.missing()
+        inc.load_group({t.name: w[t.name] for t in desc.group_tensors(g)})
+    assert inc.missing() == []
+    ids = _ids(desc)
+    assert torch.equal(full(ids), inc(ids))
+
+
+def test_forward_is_causal():
+    desc = tiny_desc("llama")
+    model = SlicedLM(desc, random_slicegpt(desc, seed=3))
+    ids = _ids(desc, B=1, T=10)
+    ids2 = ids.clone()
+    ids2[0, 7] = (ids2[0, 7] + 1) % desc.vocab_size
+    a, b = model(ids), model(ids2)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6) and not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_bad_tensor_raises():
+    desc = tiny_desc("opt")
+    w = random_slicegpt(desc, seed=0)
+    name = desc.layer_names(1)["down"]
+    w[name] = w[name][:-1]
+    with pytest.raises(ModelError, match="layers.1.fc2.weight"):
+        SlicedLM(desc, w)
+    del w[name]
+    with pytest.raises(ModelError, match="missing"):
+        SlicedLM(desc, w)
+
+
+# ---- invariance: the symmetries arch.py declares really are symmetries of this forward ------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_symmetry_leaves_logits_unchanged(family):
+    desc = tiny_desc(family)
+    w = random_slicegpt(desc, seed=4, dtype=torch.float64)
+    ids = _ids(desc)
+    ref = SlicedLM(desc, w, dtype=torch.float64)(ids)
+    gen = torch.Generator().manual_seed(5)
+    syms = desc.symmetries()
+    assert len(syms) == 2 * desc.num_layers + 1
+    for sym in syms:
+        R = random_orthogonal(sym.size, gen)
+        rotated = dict(w)
+        apply_rotation(rotated, sym, R)
+        out = SlicedLM(desc, rotated, dtype=torch.float64)(ids)
+        err = (out - ref).abs().max() / ref.abs().max()
+        assert err < 1e-9, (sym.name, err.item())
+        # negative control: rotating only one of the tensors it acts on must change the logits
+        for a in sym.actions:
+            broken = dict(w)
+            apply_rotation(broken, sym, R, only={a.tensor})
+            out = SlicedLM(desc, broken, dtype=torch.float64)(ids)
+            assert (out - ref).abs().max() / ref.abs().max() > 1e-4, (sym.name, a.tensor)
