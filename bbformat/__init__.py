@@ -1,8 +1,16 @@
-"""bbformat: SliceGPT-pruned LLM weights in fewer bits, loaded lazily from disk, HTTP or S3."""
+"""bbformat: SliceGPT-pruned LLM weights in fewer bits, loaded lazily from disk, HTTP or S3.
+
+    bbformat.save(tensors, "model.bbf", model=desc, codec="exact")
+    with bbformat.open("s3://bucket/model.bbf") as f:
+        w = f.get_tensor("lm_head.weight")
+"""
 
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401
     BBFError, ChecksumError, FormatError, ModelError, RangeNotSupportedError, TruncatedError,
-    UnknownCodecError, VersionError, VerifyError,
+    UnknownCodecError, VerifyError, VersionError,
 )
+from .models.arch import ModelDesc  # noqa: F401,E402
+from .container.reader import BBFReader, load, open  # noqa: F401,E402,A004
+from .container.writer import BBFWriter, save  # noqa: F401,E402

@@ -1,0 +1,126 @@
+"""`bbf-inspect FILE_OR_URL [--json]`: what a .bbf holds and where its bytes went."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..container.reader import BBFReader
+from ..words import word_bits
+from .common import add_storage_args, run_cli, storage_options
+
+
+def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
+    """Everything bbf-inspect prints, as one JSON-able dict."""
+    m, h = f.model, f.header
+    ws = word_bits(f.dtype) // 8
+    plain = sum(t.numel for t in m.tensors()) * ws
+    ok = dict((r.index, good) for r, good in f.verify_checksums()) if check else {}
+    rows, model_raw, model_stored, corrections = [], 0, 0, 0
+    for r in f.sections:
+        rows.append({"index": r.index, "kind": r.kind, "block": r.block if r.block >= 0 else None,
+                     "offset": r.offset, "stored": r.stored_len, "raw": r.raw_len,
+                     "ratio": round(r.stored_len / r.raw_len, 4) if r.raw_len else None,
+                     "compression": ("none", "zstd-planes")[r.compression] if r.compression < 2 else r.compression,
+                     "corrections": r.corrections, "checksum_ok": ok.get(r.index)})
+        if r.kind != "aux":
+            model_raw += r.raw_len
+            model_stored += r.stored_len
+            corrections += r.corrections
+    state = h["stats"].get("codec", {}) if isinstance(h["stats"], dict) else {}
+    used = state.get("symmetries")
+    syms = [s for s in m.symmetries() if used is None or s.name in used] if used is not None else []
+    theoretical = sum(s.free_params for s in syms)
+    saved_words = (plain - model_raw) / ws
+    return {
+        "file": f.url,
+        "format_version": h["format_version"],
+        "producer": h.get("producer"),
+        "model": {"family": m.family, "hidden_size": m.hidden_size, "layers": m.num_layers,
+                  "vocab_size": m.vocab_size, "heads": m.num_heads, "kv_heads": m.num_kv_heads,
+                  "intermediate_size": m.intermediate_size, "params": m.num_params(),
+                  "widths": {"attn_input": list(m.attn_input_dims), "attn_output": list(m.attn_output_dims),
+                             "mlp_output": list(m.mlp_output_dims)}},
+        "dtype": f.dtype,
+        "codec": {"id": h["codec"]["id"], "params": h["codec"].get("params", {})},
+        "aux": f.aux_names(),
+        "sections": rows,
+        "totals": {
+            "file_bytes": f.store.size,
+            "plain_bytes": plain,
+            "model_raw_bytes": model_raw,
+            "model_stored_bytes": model_stored,
+            "corrections": corrections,
+            "saved_bytes": plain - f.store.size,
+            "saved_percent": round(100 * (plain - f.store.size) / plain, 3) if plain else 0.0,
+            "symmetry_saved_words": saved_words,
+            "symmetry_theoretical_words": theoretical,
+            "symmetry_saved_fraction": round(saved_words / theoretical, 5) if theoretical else None,
+            "bits_per_weight": round(8 * f.store.size / (plain / ws), 4) if plain else None,
+            "checksums_ok": all(ok.values()) if check else None,
+        },
+    }
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def render(s: dict[str, Any]) -> str:
+    m, t = s["model"], s["totals"]
+    out = [f"{s['file']}: bbf {s['format_version']} ({s['producer']}), codec {s['codec']['id']} "
+           f"{s['codec']['params'] or ''}, words {s['dtype']}",
+           f"model: {m['family']}, {m['layers']} layers, hidden {m['hidden_size']}, MLP {m['intermediate_size']}, "
+           f"heads {m['heads']}/{m['kv_heads']}, vocab {m['vocab_size']}, {m['params']:,} parameters"]
+    if s["aux"]:
+        out.append(f"aux: {', '.join(s['aux'])}")
+    out.append("")
+    out.append(f"{'#':>4} {'kind':<10} {'block':>5} {'offset':>12} {'stored':>12} {'raw':>12} {'ratio':>6} "
+               f"{'corr':>6} {'crc':>4}")
+    for r in s["sections"]:
+        crc = {True: "ok", False: "BAD", None: "-"}[r["checksum_ok"]]
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+        blk = "" if r["block"] is None else r["block"]
+        out.append(f"{r['index']:>4} {r['kind']:<10} {blk:>5} {r['offset']:>12,} {r['stored']:>12,} "
+                   f"{r['raw']:>12,} {ratio:>6} {r['corrections']:>6} {crc:>4}")
+    out.append("")
+    out.append(f"file {_fmt_bytes(t['file_bytes'])} vs plain array layout {_fmt_bytes(t['plain_bytes'])} "
+               f"(sum of numel x word size): saved {_fmt_bytes(t['saved_bytes'])} = {t['saved_percent']:.2f}%, "
+               f"{t['bits_per_weight']:.3f} bits per weight")
+    if t["symmetry_theoretical_words"]:
+        out.append(f"symmetry coding: {t['symmetry_saved_words']:,.0f} words saved before entropy coding, "
+                   f"{100 * t['symmetry_saved_fraction']:.2f}% of the theoretical sum k(k-1)/2 = "
+                   f"{t['symmetry_theoretical_words']:,} words; {t['corrections']:,} corrections")
+    if t["checksums_ok"] is not None:
+        out.append("checksums: " + ("all ok" if t["checksums_ok"] else "MISMATCH"))
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bbf-inspect", description="Show what a .bbf file holds and where its bytes went.")
+    p.add_argument("file", help="path or URL (file://, http(s)://, s3://, memory://)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--no-check", action="store_true", help="do not read every section to verify checksums")
+    add_storage_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    with BBFReader(args.file, storage_options(args)) as f:
+        s = summarize(f, check=not args.no_check)
+    print(json.dumps(s) if args.json else render(s))
+    return 0 if s["totals"]["checksums_ok"] in (True, None) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: run(build_parser().parse_args(argv)), "bbf-inspect")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Lazy .bbf reader over fsspec: one suffix read for footer + index + header, then sections on demand.
+
+    with bbformat.open("https://host/model.bbf") as f:
+        f.keys(); f.get_tensor("lm_head.weight")          # random access: fetches only that group's sections
+        for group, tensors in f.stream():                 # head, layer.L-1 .. layer.0, embed (bits-back order)
+            ...
+
+Every section's checksum is verified before its bytes are used; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..codecs import get_codec
+from ..errors import ChecksumError, FormatError, ModelError
+from ..models.arch import ModelDesc
+from ..words import from_words
+from .header import check_tensor_table, parse_header
+from .layout import (FOOTER, MAJOR, PREAMBLE, RECORD, SUFFIX_GUESS, Footer, SectionRecord, check_preamble, crc32,
+                     parse_index)
+from .store import Store
+
+
+class BBFReader:
+    def __init__(self, url: str, storage_options: dict | None = None, cache_groups: int = 1):
+        self.url = str(url)
+        self.store = Store(self.url, storage_options)
+        size = self.store.size
+        if size < PREAMBLE.size + FOOTER.size:
+            from ..errors import TruncatedError
+            raise TruncatedError(f"{self.url}: {size} bytes is too short for a .bbf file")
+        tail_start = max(0, size - SUFFIX_GUESS)
+        tail = self.store.read(tail_start, size)
+        if tail_start == 0:
+            check_preamble(tail)
+        self.footer = Footer.parse(tail, size)
+        f = self.footer
+        if f.header_offset < tail_start:  # a big header: one more read for the part the suffix missed
+            tail = self.store.read(f.header_offset, tail_start) + tail
+            tail_start = f.header_offset
+        index = tail[f.index_offset - tail_start: f.index_offset - tail_start + f.n_sections * RECORD.size]
+        if crc32(index) != f.index_crc:
+            raise ChecksumError("the index is corrupt (checksum mismatch)")
+        hbytes = tail[f.header_offset - tail_start: f.header_offset - tail_start + f.header_length]
+        if crc32(hbytes) != f.header_crc:
+            raise ChecksumError("the header is corrupt (checksum mismatch)")
+        self.header: dict[str, Any] = parse_header(hbytes)
+        self._check_version()
+        self.sections: list[SectionRecord] = parse_index(index, f.n_sections, f.header_offset)
+        try:
+            self.model = ModelDesc.from_dict(self.header["model"])
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"header: bad model description: {e}") from None
+        self.dtype: str = self.header["dtype"]
+        self.codec = get_codec(self.header["codec"]["id"], self.header["codec"].get("params", {}))
+        self.tensors = check_tensor_table(self.header, self.model)
+        self._by_group = self._map_sections()
+        self._decoder = self.codec.decoder(self.model, self.dtype, self.header["codec"].get("state", {}))
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache_size = cache_groups
+        self._lock = threading.Lock()
+
+    # ---- metadata ------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header["metadata"])
+
+    def aux_names(self) -> list[str]:
+        return [a.get("name") for a in self.header["aux"]]
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def get_tensor(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KeyError(f"no tensor {name!r} in {self.url}")
+        return self.group(self.tensors[name]["group"])[name]
+
+    def group(self, group: str) -> dict[str, torch.Tensor]:
+        """Decode one group (fetching only its sections); the last `cache_groups` groups are kept."""
+        with self._lock:
+            if group in self._cache:
+                self._cache.move_to_end(group)
+                return self._cache[group]
+        out = self._decode_group(group)
+        with self._lock:
+            self._cache[group] = out
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def stream(self, readahead: int = 2, workers: int | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """Yield (group, tensors) from the last group to the first: head, layer.L-1, ..., layer.0, embed.
+
+        The next `readahead` groups are fetched and decoded on background threads while the caller works.
+        """
+        order = list(reversed(self.model.groups()))
+        workers = workers or min(2, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-read") as pool:
+            futures = [pool.submit(self._decode_group, g) for g in order[: readahead + 1]]
+            for i, g in enumerate(order):
+                tensors = futures[i].result()
+                nxt = i + readahead + 1
+                if nxt < len(order):
+                    futures.append(pool.submit(self._decode_group, order[nxt]))
+                futures[i] = None  # drop the reference so memory stays bounded
+                yield g, tensors
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for _, tensors in self.stream():
+            out.update(tensors)
+        return {t.name: out[t.name] for t in self.model.tensors()}
+
+    def aux(self, name: str) -> bytes:
+        for i, a in enumerate(self.header["aux"]):
+            if a.get("name") == name:
+                recs = [r for r in self.sections if r.kind == "aux" and r.aux_id == i]
+                if len(recs) != 1:
+                    raise FormatError(f"aux {name!r} has {len(recs)} sections, expected 1")
+                return self.read_section(recs[0])
+        raise KeyError(f"no aux entry {name!r} in {self.url}")
+
+    def read_section(self, rec: SectionRecord) -> bytes:
+        """Fetch one section, verify its checksum, undo the entropy stage: its raw payload."""
+        stored = self.store.read(rec.offset, rec.offset + rec.stored_len)
+        if crc32(stored) != rec.crc:
+            raise ChecksumError(f"{rec.label}: checksum mismatch (the file is corrupt)")
+        if rec.compression == 0:
+            raw = stored
+        else:
+            from ..codecs import entropy
+
+            try:
+                raw = entropy.decompress(rec.compression, stored, rec.raw_len, rec.word_size, self.dtype)
+            except FormatError as e:
+                raise FormatError(f"{rec.label}: {e}") from None
+        if len(raw) != rec.raw_len:
+            raise FormatError(f"{rec.label}: decompressed to {len(raw)} bytes, index says {rec.raw_len}")
+        return raw
+
+    def verify_checksums(self) -> list[tuple[SectionRecord, bool]]:
+        """Check every section's checksum (reads the whole file)."""
+        out = []
+        for rec in self.sections:
+            stored = self.store.read(rec.offset, rec.offset + rec.stored_len)
+            out.append((rec, crc32(stored) == rec.crc))
+        return out
+
+    def close(self) -> None:
+        self._cache.clear()
+
+    def __enter__(self) -> "BBFReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals -----------------------------------------------------------------------------------
+    def _check_version(self) -> None:
+        v = self.header["format_version"]
+        try:
+            major = int(str(v).split(".")[0])
+        except ValueError:
+            raise FormatError(f"header: bad format_version {v!r}") from None
+        if major != MAJOR:
+            from ..errors import VersionError
+            raise VersionError(f"format version {v} is not supported by this reader (it reads {MAJOR}.x)")
+
+    def _map_sections(self) -> dict[str, dict[str, SectionRecord]]:
+        """group -> {kind: record}; the index must hold exactly the sections the codec says each group has."""
+        by_group: dict[str, dict[str, SectionRecord]] = {}
+        for rec in self.sections:
+            if rec.kind == "aux":
+                if not 0 <= rec.aux_id < len(self.header["aux"]):
+                    raise FormatError(f"{rec.label}: no aux entry {rec.aux_id} in the header")
+                continue
+            if rec.kind in ("block", "correction"):
+                if not 0 <= rec.block < self.model.num_layers:
+                    raise FormatError(f"{rec.label}: block index outside 0..{self.model.num_layers - 1}")
+                group = f"layer.{rec.block}"
+            else:
+                group = "embed" if rec.kind == "initial" else "head"
+            kinds = by_group.setdefault(group, {})
+            if rec.kind in kinds:
+                raise FormatError(f"{rec.label}: duplicate {rec.kind} section for {group}")
+            kinds[rec.kind] = rec
+        for group in self.model.groups():
+            want = set(self.codec.sections_for(group))
+            have = set(by_group.get(group, {}))
+            if want != have:
+                raise FormatError(f"{group}: index has sections {sorted(have)}, codec "
+                                  f"{self.codec.id!r} needs {sorted(want)}")
+        return by_group
+
+    def _decode_group(self, group: str) -> dict[str, torch.Tensor]:
+        raw = {kind: self.read_section(rec) for kind, rec in self._by_group[group].items()}
+        words = self._decoder.decode(group, raw)
+        infos = self.model.group_tensors(group)
+        total = sum(t.numel for t in infos)
+        if words.size != total:
+            rec = next(iter(self._by_group[group].values()))
+            raise FormatError(f"{rec.label}: decoded {words.size} words, the tensor table needs {total}")
+        words = np.array(words, copy=True)  # own, writable memory for the tensors
+        out = {}
+        for t in infos:
+            off = self.tensors[t.name]["offset"]
+            out[t.name] = from_words(words[off: off + t.numel], self.dtype).reshape(t.shape)
+        return out
+
+
+def open(url: str, storage_options: dict | None = None, **kwargs: Any) -> BBFReader:  # noqa: A001
+    """Open a .bbf file at a local path or any fsspec URL (file://, memory://, http(s)://, s3://)."""
+    return BBFReader(url, storage_options, **kwargs)
+
+
+def load(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor (decoded) into a dict, like safetensors' load_file."""
+    with BBFReader(url, storage_options) as f:
+        return f.load_all()
+
+
+__all__ = ["BBFReader", "open", "load", "ModelError"]

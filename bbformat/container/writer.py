@@ -1,0 +1,173 @@
+"""Streaming, atomic .bbf writer.
+
+    with BBFWriter("model.bbf", desc, codec="bitsback", dtype="float16") as w:
+        for group in desc.groups():          # embed, layer.0 .. layer.L-1, head
+            w.write_group(group, tensors_of(group))
+
+Memory is bounded by one group: each group is encoded, passed through the entropy stage, checksummed and written
+before the next one is accepted. The header, index and footer go at the end; the file appears under its name only
+when `close()` succeeds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..codecs import get_codec
+from ..codecs.base import Codec, EncodedGroup, SectionData
+from ..errors import BBFError, ModelError
+from ..models.arch import ModelDesc
+from ..words import check_dtype
+from .header import build_header
+from .layout import Footer, SectionRecord, align, crc32, pack_preamble
+from .store import AtomicSink
+
+COMPRESSION = ("auto", "none")
+
+
+class BBFWriter:
+    def __init__(self, url: str, desc: ModelDesc, *, codec: str | Codec = "raw", codec_params: dict | None = None,
+                 dtype: str = "float16", compression: str = "auto", metadata: dict | None = None,
+                 storage_options: dict | None = None, on_group: Callable[[str, EncodedGroup], None] | None = None):
+        self.desc, self.dtype = desc, check_dtype(dtype)
+        self.codec = codec if isinstance(codec, Codec) else get_codec(codec, codec_params)
+        if compression not in COMPRESSION:
+            raise BBFError(f"compression must be one of {COMPRESSION}, got {compression!r}")
+        self.compression, self.metadata, self.on_group = compression, metadata, on_group
+        self._encoder = self.codec.encoder(desc, self.dtype)
+        self._groups = desc.groups()
+        self._next = 0
+        self._records: list[SectionRecord] = []
+        self._aux: list[dict[str, Any]] = []
+        self._pending_aux: list[bytes] = []
+        self._stats: dict[str, Any] = {"groups": {}}
+        self._sink = AtomicSink(url, storage_options)
+        self._sink.write(pack_preamble())
+        self.url = url
+
+    # ---- public -----------------------------------------------------------------------------------------
+    def write_group(self, group: str, tensors: dict[str, torch.Tensor]) -> EncodedGroup:
+        """Encode and write the next group (they must come in push order: embed, layer.0, ..., head)."""
+        if self._next >= len(self._groups):
+            raise BBFError(f"all groups are written; got an extra group {group!r}")
+        want = self._groups[self._next]
+        if group != want:
+            raise BBFError(f"groups must be written in order: expected {want!r}, got {group!r}")
+        self._check_tensors(group, tensors)
+        enc = self._encoder.encode(group, tensors)
+        block = int(group.split(".")[1]) if group.startswith("layer.") else -1
+        for sd in enc.sections:
+            self._write_section(sd, block)
+        if enc.stats:
+            self._stats["groups"][group] = enc.stats
+        if self.on_group:
+            self.on_group(group, enc)
+        self._next += 1
+        return enc
+
+    def add_aux(self, name: str, data: bytes, media_type: str = "application/octet-stream") -> None:
+        """Attach an auxiliary blob (e.g. the tokenizer) as its own section; written at close."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise BBFError("aux data must be bytes")
+        self._aux.append({"name": str(name), "media_type": media_type})
+        self._pending_aux.append(bytes(data))
+
+    def close(self) -> None:
+        if self._next != len(self._groups):
+            raise BBFError(f"file incomplete: {self._next} of {len(self._groups)} groups written "
+                           f"(next expected {self._groups[self._next]!r})")
+        for i, data in enumerate(self._pending_aux):
+            self._write_section(SectionData("aux", data, 1), -1, aux_id=i)
+        self._stats["codec"] = self._encoder.finish()
+        header = build_header(self.desc, self.dtype, self.codec.config(), self._aux, self.metadata, self._stats)
+        self._pad()
+        header_offset = self._sink.pos
+        self._sink.write(header)
+        index = b"".join(r.pack() for r in self._records)
+        index_offset = self._sink.pos
+        self._sink.write(index)
+        self._sink.write(Footer(header_offset, len(header), index_offset, len(self._records),
+                                crc32(index), crc32(header)).pack())
+        self._sink.commit()
+
+    def abort(self) -> None:
+        self._sink.abort()
+
+    def __enter__(self) -> "BBFWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # ---- internals --------------------------------------------------------------------------------------
+    def _check_tensors(self, group: str, tensors: dict[str, torch.Tensor]) -> None:
+        want = {t.name: t.shape for t in self.desc.group_tensors(group)}
+        missing, extra = set(want) - set(tensors), set(tensors) - set(want)
+        if missing:
+            raise ModelError(f"group {group}: missing tensor {sorted(missing)[0]!r}")
+        if extra:
+            raise ModelError(f"group {group}: unexpected tensor {sorted(extra)[0]!r}")
+        for name, shape in want.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ModelError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, the model description "
+                                 f"says {shape}")
+            if not torch.is_floating_point(tensors[name]):
+                raise ModelError(f"tensor {name!r} is not floating point ({tensors[name].dtype})")
+
+    def _pad(self) -> None:
+        gap = align(self._sink.pos) - self._sink.pos
+        if gap:
+            self._sink.write(b"\0" * gap)
+
+    def _write_section(self, sd: SectionData, block: int, aux_id: int = 0) -> None:
+        method, stored = 0, sd.payload
+        if self.compression == "auto" and sd.payload:
+            from ..codecs import entropy
+
+            method, stored = entropy.compress(sd.payload, sd.word_size, sd.segments, self.dtype)
+        self._pad()
+        offset = self._sink.pos
+        self._sink.write(stored)
+        self._records.append(SectionRecord(sd.kind, method, sd.word_size, block, offset, len(stored),
+                                           len(sd.payload), crc32(stored), sd.corrections, aux_id,
+                                           len(self._records)))
+
+
+def save(tensors: dict[str, torch.Tensor], url: str, model: ModelDesc, *, codec: str | Codec = "raw",
+         dtype: str | None = None, aux: dict[str, bytes] | None = None, progress: bool = False,
+         **writer_kwargs: Any) -> None:
+    """Write a whole SliceGPT-form state dict to `url` (any fsspec URL) in one call.
+
+    `dtype` defaults to the tensors' own dtype (float16, bfloat16 or float32).
+    """
+    from ..words import dtype_name  # local: keeps the import graph flat
+
+    if dtype is None:
+        dtype = dtype_name(next(iter(tensors.values())).dtype)
+    extra = set(tensors) - {t.name for t in model.tensors()}
+    if extra:
+        raise ModelError(f"tensor {sorted(extra)[0]!r} is not part of the model description")
+    groups = model.groups()
+    bar = _progress(len(groups), progress, "encode")
+    with BBFWriter(url, model, codec=codec, dtype=dtype, **writer_kwargs) as w:
+        for group in groups:
+            names = [t.name for t in model.group_tensors(group)]
+            missing = [n for n in names if n not in tensors]
+            if missing:
+                raise ModelError(f"tensor {missing[0]!r} is missing from the state dict")
+            w.write_group(group, {n: tensors[n] for n in names})
+            bar.update(1)
+        for name, data in (aux or {}).items():
+            w.add_aux(name, data)
+    bar.close()
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="group", disable=not enabled, leave=False)
