@@ -100,3 +100,42 @@ def test_every_symmetry_leaves_logits_unchanged(family):
             apply_rotation(broken, sym, R, only={a.tensor})
             out = SlicedLM(desc, broken, dtype=torch.float64)(ids)
             assert (out - ref).abs().max() / ref.abs().max() > 1e-4, (sym.name, a.tensor)
+
+
+# ---- consistency with Hugging Face: norm fusion + our forward == the original model ----------------------
+def _hf_model(family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
+                  max_position_embeddings=64, attn_implementation="eager")
+    if family == "llama":
+        cfg = transformers.LlamaConfig(intermediate_size=96, num_key_value_heads=2, rope_theta=5000.0,
+                                       rms_norm_eps=1e-5, tie_word_embeddings=False, **common)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.OPTConfig(ffn_dim=96, word_embed_proj_dim=64, tie_word_embeddings=True, **common)
+        model = transformers.OPTForCausalLM(cfg)
+    model = model.to(torch.float64).eval()
+    with torch.no_grad():  # norms start at gamma=1, beta=0: randomise them so that fusion is really tested
+        for name, prm in model.named_parameters():
+            if "norm" in name:
+                prm.add_(0.2 * torch.randn_like(prm))
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_forward_matches_hugging_face(family):
+    from bbformat.models.fusion import fuse_norms
+
+    hf = _hf_model(family)
+    desc, w = fuse_norms(hf.state_dict(), hf.config)
+    assert set(w) == {t.name for t in desc.tensors()}
+    ids = _ids(desc, T=20)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = SlicedLM(desc, w, dtype=torch.float64)(ids)
+    # not 1e-12: HF computes softmax, RMSNorm and RoPE frequencies in float32 even for a float64 model
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-6
+    # in float32 (the default compute dtype) from fp32 weights
+    ours32 = SlicedLM(desc, {k: v.float() for k, v in w.items()})(ids)
+    assert (ours32.double() - ref).abs().max() / ref.abs().max() < 1e-4
