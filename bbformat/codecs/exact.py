@@ -1,0 +1,234 @@
+"""Codec `exact`: remove each rotational symmetry's k(k-1)/2 degrees of freedom with no numerical error.
+
+For every symmetry (size k) one tensor it acts on, its *carrier*, is put into a canonical form: the rotation
+R = Q of a QR factorisation (positive diagonal) makes a k x k block of the carrier triangular, and R is applied
+to every tensor of the symmetry (StreamingRotator). The block's k(k-1)/2 structural zeros are not stored.
+Decoding is reading: the zeros are put back, nothing is computed, and every group decodes on its own.
+
+Carrier blocks (the normative text is in SPEC.md, "Codec exact"):
+  * axis 1 (W <- W R, W has shape (n, k)): the first k rows W[:k, :] become LOWER triangular, W[:k] = L;
+    QR of B^T with B = W[:k]: B^T = Q T  =>  B Q = T^T.
+  * axis 0 (W <- R^T W, W has shape (k, n)): the first k columns W[:, :k] become UPPER triangular;
+    QR of A = W[:, :k]: A = Q T  =>  Q^T A = T.
+Stored form of a carrier: the triangle's non-zero part row by row (row r: L[r, :r+1] or T[r, r:]), then the rest
+of the tensor row-major (W[k:, :] for axis 1, W[:, k:] for axis 0). Every other tensor is stored row-major.
+
+Everything is rotated in float64 and rounded to the word dtype once per group; the structural zeros are set to
++0.0 before rounding, so they are exactly the zero word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import BBFError, FormatError, ModelError
+from ..models.arch import ModelDesc, Symmetry
+from ..words import to_words, torch_dtype, word_np_dtype
+from .base import Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, Segment, register_codec
+from .canonical import StreamingRotator
+
+# Carrier candidates per kind of symmetry, by layer role, best first (see SPEC.md for why). The first one that
+# is eligible (see `carriers`) is the carrier.
+PREFERENCE = {
+    "emb": ("embed_tokens", "embed_positions"),
+    "mid": ("attn_sc", "o", "gate", "up"),
+    "out": ("mlp_sc", "down"),
+}
+
+
+@dataclass(frozen=True)
+class Carrier:
+    symmetry: str
+    tensor: str
+    axis: int  # the symmetry's axis on the carrier: 1 -> first k rows lower triangular, 0 -> first k cols upper
+    k: int
+    shape: tuple[int, int]
+
+    @property
+    def zeros(self) -> int:
+        return self.k * (self.k - 1) // 2
+
+    @property
+    def rest_shape(self) -> tuple[int, int]:
+        n0, n1 = self.shape
+        return (n0 - self.k, n1) if self.axis == 1 else (n0, n1 - self.k)
+
+    def triangle_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row, col) of the stored triangle entries inside the k x k block, in storage (row-major) order."""
+        return np.tril_indices(self.k) if self.axis == 1 else np.triu_indices(self.k)
+
+
+def _candidates(desc: ModelDesc, sym: Symmetry) -> list[str]:
+    kind, _, idx = sym.name.partition(".")
+    if kind == "emb":
+        names = {n.rsplit(".", 2)[-2]: n for n in desc.embed_names()}
+    else:
+        names = desc.layer_names(int(idx))
+    return [names[r] for r in PREFERENCE[kind] if r in names]
+
+
+def carriers(desc: ModelDesc) -> dict[str, Carrier]:
+    """Symmetry name -> its carrier: the first candidate that is 2-D, in the symmetry's own group, long enough
+    (>= k rows for axis 1, >= k columns for axis 0) and not acted on by any later symmetry (which would undo the
+    triangle). A symmetry with no eligible candidate has no carrier and is left as it is."""
+    syms = desc.symmetries()
+    info = desc.tensor_map()
+    out: dict[str, Carrier] = {}
+    for i, sym in enumerate(syms):
+        later = {a.tensor for s in syms[i + 1:] for a in s.actions}
+        for name in _candidates(desc, sym):
+            t, axis = info[name], sym.action(name).axis
+            if len(t.shape) != 2 or t.group != sym.group or name in later:
+                continue
+            if t.shape[axis] != sym.size or t.shape[1 - axis] < sym.size:
+                continue
+            out[sym.name] = Carrier(sym.name, name, axis, sym.size, t.shape)
+            break
+    return out
+
+
+def triangular_rotation(carrier: Carrier, w: torch.Tensor) -> torch.Tensor:
+    """The orthogonal R (float64) that makes the carrier's block triangular with a non-negative diagonal."""
+    k = carrier.k
+    a = w[:, :k] if carrier.axis == 0 else w[:k, :].T
+    q, t = torch.linalg.qr(a.to(torch.float64))
+    sign = torch.where(torch.diagonal(t) < 0, -1.0, 1.0).to(torch.float64)
+    return q * sign
+
+
+def _zero_structural(carrier: Carrier, w: torch.Tensor) -> None:
+    """Set the block's strictly upper (axis 1) / lower (axis 0) part to exactly +0.0 (rotation leaves ~1e-17)."""
+    k = carrier.k
+    if carrier.axis == 1:
+        w[:k, :] = torch.tril(w[:k, :])
+    else:
+        w[:, :k] = torch.triu(w[:, :k])
+
+
+def _carrier_parts(carrier: Carrier, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A carrier's words -> (stored triangle, rest), both 1-D, in storage order."""
+    k = carrier.k
+    block, rest = (words[:k, :], words[k:, :]) if carrier.axis == 1 else (words[:, :k], words[:, k:])
+    return block[carrier.triangle_index()], np.ascontiguousarray(rest).reshape(-1)
+
+
+class _Layout:
+    """Where each tensor of a group sits in the payload (words saved = the carriers' zeros)."""
+
+    def __init__(self, desc: ModelDesc, group: str, by_tensor: dict[str, Carrier]):
+        self.tensors = desc.group_tensors(group)
+        self.carriers = {t.name: by_tensor[t.name] for t in self.tensors if t.name in by_tensor}
+        self.numel = sum(t.numel for t in self.tensors)
+        self.saved = sum(c.zeros for c in self.carriers.values())
+        self.payload_words = self.numel - self.saved
+
+    def segments(self) -> tuple[Segment, ...]:
+        segs, off = [], 0
+        for t in self.tensors:
+            c = self.carriers.get(t.name)
+            if c is not None:
+                off += c.k * (c.k + 1) // 2  # the packed triangle is not a rectangle: left to 1-D modelling
+                rows, cols = c.rest_shape
+                if rows and cols:
+                    segs.append(Segment(off, rows, cols))
+                off += rows * cols
+                continue
+            if len(t.shape) == 2:
+                segs.append(Segment(off, t.shape[0], t.shape[1]))
+            off += t.numel
+        return tuple(segs)
+
+
+class _ExactEncoder(GroupEncoder):
+    def __init__(self, codec: "ExactCodec", desc: ModelDesc, dtype: str):
+        self.codec, self.desc, self.dtype = codec, desc, dtype
+        self.carriers = carriers(desc)
+        self.by_tensor = {c.tensor: c for c in self.carriers.values()}
+        self.rotator = StreamingRotator(desc, self._choose)
+        self.saved = 0
+
+    def _choose(self, sym: Symmetry, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        c = self.carriers.get(sym.name)
+        return None if c is None else triangular_rotation(c, tensors[c.tensor])
+
+    def encode(self, group: str, tensors: dict[str, torch.Tensor]) -> EncodedGroup:
+        layout = _Layout(self.desc, group, self.by_tensor)
+        for t in layout.tensors:
+            x = tensors.get(t.name)
+            if x is None:
+                raise ModelError(f"group {group}: tensor {t.name!r} is missing")
+            if tuple(x.shape) != t.shape:
+                raise ModelError(f"tensor {t.name!r} has shape {tuple(x.shape)}, expected {t.shape}")
+            if not torch.isfinite(x).all():
+                raise ModelError(f"tensor {t.name!r} has inf/nan weights; codec 'exact' needs finite ones (use raw)")
+        canon = self.rotator.process(group, {t.name: tensors[t.name] for t in layout.tensors})
+        for name, c in layout.carriers.items():
+            _zero_structural(c, canon[name])
+        words, parts = {}, []
+        for t in layout.tensors:
+            rounded = canon[t.name].to(torch_dtype(self.dtype))  # the one rounding of this group
+            if not torch.isfinite(rounded).all():
+                raise BBFError(f"tensor {t.name!r} overflows {self.dtype} after canonical rotation; "
+                               f"use a wider dtype or codec raw")
+            w = words[t.name] = to_words(rounded, self.dtype)
+            c = layout.carriers.get(t.name)
+            parts += _carrier_parts(c, w) if c is not None else [w.reshape(-1)]
+        payload = np.concatenate(parts) if parts else np.zeros(0, word_np_dtype(self.dtype))
+        assert payload.size == layout.payload_words
+        self.saved += layout.saved
+        kinds = self.codec.sections_for(group)
+        sections = [SectionData(kinds[0], payload.tobytes(), payload.dtype.itemsize, layout.segments())]
+        sections += [SectionData(k, b"", 1) for k in kinds[1:]]  # empty correction section: nothing to correct
+        stats = {"saved_words": layout.saved, "carriers": {c.symmetry: c.tensor for c in layout.carriers.values()}}
+        return EncodedGroup(sections, words, stats)
+
+
+class _ExactDecoder(GroupDecoder):
+    def __init__(self, codec: "ExactCodec", desc: ModelDesc, dtype: str):
+        self.codec, self.desc, self.dtype = codec, desc, dtype
+        self.by_tensor = {c.tensor: c for c in carriers(desc).values()}
+
+    def decode(self, group: str, sections: dict[str, bytes]) -> np.ndarray:
+        layout = _Layout(self.desc, group, self.by_tensor)
+        kind = self.codec.sections_for(group)[0]
+        wd = word_np_dtype(self.dtype)
+        data = sections.get(kind)
+        if data is None:
+            raise FormatError(f"group {group}: codec 'exact' needs its {kind!r} section")
+        if len(data) != layout.payload_words * wd.itemsize:
+            raise FormatError(f"group {group}: {kind} section has {len(data)} bytes, expected "
+                              f"{layout.payload_words * wd.itemsize}")
+        payload = np.frombuffer(data, dtype=wd)
+        out = np.zeros(layout.numel, dtype=wd)  # structural zeros are the zero word
+        src = dst = 0
+        for t in layout.tensors:
+            c = layout.carriers.get(t.name)
+            if c is None:
+                out[dst:dst + t.numel] = payload[src:src + t.numel]
+                src += t.numel
+            else:
+                w = out[dst:dst + t.numel].reshape(t.shape)
+                ntri = c.k * (c.k + 1) // 2
+                block = w[:c.k, :] if c.axis == 1 else w[:, :c.k]
+                block[c.triangle_index()] = payload[src:src + ntri]
+                src += ntri
+                rows, cols = c.rest_shape
+                rest = w[c.k:, :] if c.axis == 1 else w[:, c.k:]
+                rest[...] = payload[src:src + rows * cols].reshape(rows, cols)
+                src += rows * cols
+            dst += t.numel
+        return out
+
+
+@register_codec
+class ExactCodec(Codec):
+    id = "exact"
+
+    def encoder(self, desc, dtype):
+        return _ExactEncoder(self, desc, dtype)
+
+    def decoder(self, desc, dtype, state):
+        return _ExactDecoder(self, desc, dtype)
