@@ -19,8 +19,8 @@ MAJOR, MINOR = 1, 0
 ALIGN = 64  # every section starts at a multiple of this
 
 PREAMBLE = struct.Struct("<8sHHI")  # magic, major, minor, flags                      (16 bytes)
-FOOTER = struct.Struct("<QQQIIIHHI8s")  # header off/len, index off, n sections, index crc, header crc,
-#                                         major, minor, flags, end magic             (56 bytes)
+FOOTER = struct.Struct("<QQQIIIHHI4x8s")  # header off/len, index off, n sections, index crc, header crc,
+#                                           major, minor, flags, reserved, end magic (56 bytes)
 RECORD = struct.Struct("<BBBBiQQQIII4x")  # kind, compression, word size, flags, block, offset, stored len,
 #                                            raw len, crc32, corrections, aux id    (48 bytes)
 

@@ -148,7 +148,8 @@ class BBFReader:
         return raw
 
     def verify_checksums(self) -> list[tuple[SectionRecord, bool]]:
-        """Check every section's checksum (reads the whole file)."""
+        """Check the preamble and every section's checksum (reads the whole file)."""
+        check_preamble(self.store.read(0, PREAMBLE.size))
         out = []
         for rec in self.sections:
             stored = self.store.read(rec.offset, rec.offset + rec.stored_len)

@@ -45,7 +45,7 @@ class Store:
         if start == end:
             return b""
         try:
-            data = self._read_http(start, end) if self._http else self.fs.cat_file(self.path, start, end)
+            data = self._read_http(start, end) if self._http else self.fs.cat_file(self.path, start=start, end=end)
         except RangeNotSupportedError:
             raise
         except (OSError, ValueError) as e:
