@@ -139,3 +139,72 @@ def test_fused_forward_matches_hugging_face(family):
     # in float32 (the default compute dtype) from fp32 weights
     ours32 = SlicedLM(desc, {k: v.float() for k, v in w.items()})(ids)
     assert (ours32.double() - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+# ---- SliceGPT checkpoint import / export --------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_slicegpt_round_trip(tmp_path, family, ext):
+    from bbformat.models.slicegpt_io import load_slicegpt, save_slicegpt
+
+    desc = tiny_desc(family)
+    w = random_slicegpt(desc, seed=6, dtype=torch.float16)
+    pt, js = save_slicegpt(desc, w, tmp_path / f"tiny_0.2{ext}")
+    assert js == tmp_path / "tiny_0.2.json"
+    if ext == ".pt":  # plain SliceGPT layout: a flat dict loadable without unpickling code
+        sd = torch.load(pt, weights_only=True)
+        assert list(sd) == [t.name for t in desc.tensors()]
+    desc2, w2 = load_slicegpt(pt)
+    assert desc2 == desc
+    assert list(w2) == list(w) and all(torch.equal(w[k], w2[k]) and w2[k].dtype == torch.float16 for k in w)
+
+
+def _slicegpt_like_file(tmp_path, desc, w):
+    """A file the way SliceGPT writes it: sliced tensors are views of larger storages, no description key."""
+    import json
+
+    views = {}
+    for k, v in w.items():
+        big = torch.zeros(v.shape[0] + 3, *v.shape[1:], dtype=v.dtype)  # discarded rows stay in the storage
+        big[1:1 + v.shape[0]] = v
+        views[k] = big[1:1 + v.shape[0]]
+    views["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    torch.save(views, tmp_path / "m_0.25.pt")
+    (tmp_path / "m_0.25.json").write_text(json.dumps(desc.slicing_config()))
+    return tmp_path / "m_0.25.pt"
+
+
+def test_import_slicegpt_views_and_config(tmp_path):
+    from bbformat.models.slicegpt_io import load_slicegpt
+
+    desc = example_desc("smollm2-135m", 0.25, num_layers=2)
+    w = {t.name: torch.randn(t.shape).half() for t in desc.tensors()}
+    path = _slicegpt_like_file(tmp_path, desc, w)
+    desc2, w2 = load_slicegpt(path)  # heads and rope_theta from the table of known models
+    assert desc2.num_heads == 9 and desc2.num_kv_heads == 3 and desc2.rope_theta == 100000.0
+    assert desc2.tensors() == desc.tensors()
+    for k, v in w2.items():
+        assert torch.equal(v, w[k])
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()  # compact copy, not the view
+    # an HF config overrides the table
+    cfg = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 2, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "rope_theta": 5e5}
+    assert load_slicegpt(path, config=cfg)[0].rope_theta == 5e5
+
+
+def test_import_rejects_wrong_shape_naming_the_tensor(tmp_path):
+    from bbformat.models.slicegpt_io import load_slicegpt, save_slicegpt
+
+    desc = tiny_desc("opt")
+    w = random_slicegpt(desc, seed=7)
+    name = desc.layer_names(2)["attn_sc"]
+    with pytest.raises(ModelError, match="layers.2.attn_shortcut_Q"):
+        save_slicegpt(desc, {**w, name: w[name][:, :-8]}, tmp_path / "bad.pt")
+    pt, _ = save_slicegpt(desc, w, tmp_path / "good.pt")
+    sd = torch.load(pt, weights_only=True)
+    sd[name] = sd[name][:, :-8].clone()
+    torch.save(sd, pt)
+    with pytest.raises(ModelError, match="layers.2.attn_shortcut_Q"):
+        load_slicegpt(pt)
+    with pytest.raises(ModelError, match="slicing config"):
+        load_slicegpt(pt, json_path=tmp_path / "absent.json")

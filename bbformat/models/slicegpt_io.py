@@ -137,3 +137,135 @@ def _widths(slicing: dict[str, Any], L: int) -> dict[str, tuple[int, ...]]:
                     mlp_output_dims=per("mlp_output_dimensions"))
     except (KeyError, TypeError) as e:
         raise ModelError(f"slicing config is missing {e}") from None
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+def load_slicegpt(path, json_path=None, config=None) -> tuple[ModelDesc, dict[str, torch.Tensor]]:
+    """Read a SliceGPT checkpoint (`.pt` or `.safetensors`) and its slicing `.json` (default: same stem).
+
+    `config` (HF config dict, object, config.json path or its directory) supplies what the shapes cannot tell
+    (heads, rope_theta); it is not needed for files we wrote, nor for the models in KNOWN_MODELS. Otherwise
+    the number of heads is guessed (head_dim 64, or 128 from d = 4096 up) with a warning: the guess only
+    matters for running the model, not for storing it. Returns (desc, tensors in `desc.tensors()` order),
+    each tensor a compact copy in the file's dtype.
+    """
+    path = Path(path)
+    json_path = Path(json_path) if json_path is not None else path.with_suffix(".json")
+    try:
+        slicing = json.loads(json_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path.name} needs its SliceGPT slicing config; {json_path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read slicing config {json_path}: {e}") from None
+    tensors = {k: v for k, v in _read_tensors(path).items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if DESC_KEY in slicing:
+        desc = ModelDesc.from_dict(slicing[DESC_KEY])
+    elif config is not None:
+        desc = hf_desc(config, slicing, lm_head_bias="lm_head.bias" in tensors)
+    else:
+        desc = hf_desc(_config_from_shapes(slicing, tensors), slicing, lm_head_bias="lm_head.bias" in tensors)
+    check_tensors(desc, tensors)
+    return desc, {t.name: tensors[t.name] for t in desc.tensors()}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise ModelError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ModelError(f"cannot read {path}: {e}") from None
+    try:
+        try:  # mmap: the copies below are all that is held in memory, not the (possibly larger) storages
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything that is not plain tensors
+        raise ModelError(f"cannot read {path} as a state dict of tensors: {e}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"{path} is not a flat state dict of tensors")
+    # SliceGPT tensors can be views of larger storages: keep compact copies only
+    return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+def _config_from_shapes(slicing: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A minimal HF config for a SliceGPT state dict, from its shapes + KNOWN_MODELS (or a guess)."""
+    family = "opt" if any(k.startswith("model.decoder.") for k in tensors) else "llama"
+    p = "model.decoder." if family == "opt" else "model."
+    d = int(slicing["hidden_size"])
+
+    def shape(name):
+        if name not in tensors:
+            raise ModelError(f"missing tensor {name!r}")
+        return tuple(tensors[name].shape)
+
+    V = shape(p + "embed_tokens.weight")[0]
+    nq, nkv = shape(p + "layers.0.self_attn.q_proj.weight")[0], shape(p + "layers.0.self_attn.k_proj.weight")[0]
+    up = p + ("layers.0.fc1.weight" if family == "opt" else "layers.0.mlp.up_proj.weight")
+    cfg: dict[str, Any] = dict(model_type=family, hidden_size=d, num_hidden_layers=int(slicing["layers_num"]),
+                               vocab_size=V, intermediate_size=shape(up)[0], ffn_dim=shape(up)[0])
+    if family == "opt":
+        cfg["max_position_embeddings"] = shape(p + "embed_positions.weight")[0] - 2
+        cfg["enable_bias"] = p + "layers.0.fc1.bias" in tensors
+    else:
+        cfg["attention_bias"] = p + "layers.0.self_attn.q_proj.bias" in tensors
+        cfg["mlp_bias"] = p + "layers.0.mlp.up_proj.bias" in tensors
+    known = KNOWN_MODELS.get((family, d, nq, nkv, V))
+    if known is None:
+        hd = 128 if d >= 4096 else 64
+        if nq % hd or nkv % hd:
+            raise ModelError(f"cannot tell the attention heads of this {family} model (q rows {nq}, kv rows {nkv});"
+                             " pass its HF config.json as config=")
+        known = {"num_attention_heads": nq // hd, "rope_theta": 10000.0}
+        warnings.warn(f"unknown {family} model (d={d}, vocab={V}): guessing head_dim {hd}, rope_theta 10000; "
+                      "pass its HF config.json as config= to run it correctly", stacklevel=3)
+    cfg.update(known)
+    cfg["head_dim"] = nq // cfg["num_attention_heads"]
+    cfg["num_key_value_heads"] = nkv // cfg["head_dim"]
+    return cfg
+
+
+def check_tensors(desc: ModelDesc, tensors: dict[str, torch.Tensor], extra: str = "warn") -> None:
+    """Check every tensor of `desc` is present with its shape; `extra` ("warn" / "raise") for unknown keys."""
+    want = desc.tensor_map()
+    for name, info in want.items():
+        if name not in tensors:
+            raise ModelError(f"missing tensor {name!r} (expected shape {info.shape})")
+        t = tensors[name]
+        if tuple(t.shape) != info.shape:
+            raise ModelError(f"tensor {name!r} has shape {tuple(t.shape)}, the model description says {info.shape}")
+        if not t.is_floating_point():
+            raise ModelError(f"tensor {name!r} has dtype {t.dtype}, expected a floating-point dtype")
+    unknown = sorted(set(tensors) - set(want))
+    if unknown:
+        msg = f"{len(unknown)} tensors are not part of the SliceGPT layout, e.g. {unknown[:3]}"
+        if extra == "raise":
+            raise ModelError(msg)
+        warnings.warn(msg + "; ignoring them", stacklevel=3)
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+def save_slicegpt(desc: ModelDesc, tensors: dict[str, torch.Tensor], out_path) -> tuple[Path, Path]:
+    """Write `tensors` as a SliceGPT checkpoint: `.pt` (plain dict, loadable with torch.load(weights_only=True))
+    or `.safetensors` when out_path ends so, plus the sibling `.json` (slicing config + our description).
+    Returns (checkpoint path, json path)."""
+    out_path = Path(out_path)
+    check_tensors(desc, tensors, extra="raise")
+    # own compact storage per tensor: torch.save of a view would write its whole storage
+    sd = {t.name: tensors[t.name].detach().cpu().contiguous().clone() for t in desc.tensors()}
+    json_path = out_path.with_suffix(".json")
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    if out_path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    else:
+        torch.save(sd, tmp)
+    cfg = desc.slicing_config()
+    cfg[DESC_KEY] = desc.to_dict()
+    json_path.write_text(json.dumps(cfg, indent=1))
+    tmp.replace(out_path)
+    return out_path, json_path
