@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..codecs import get_codec
+from ..codecs import entropy, get_codec
 from ..errors import ChecksumError, FormatError, ModelError
 from ..models.arch import ModelDesc
 from ..words import from_words
@@ -137,8 +137,6 @@ class BBFReader:
         if rec.compression == 0:
             raw = stored
         else:
-            from ..codecs import entropy
-
             try:
                 raw = entropy.decompress(rec.compression, stored, rec.raw_len, rec.word_size, self.dtype)
             except FormatError as e:

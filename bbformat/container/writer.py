@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..codecs import get_codec
+from ..codecs import entropy, get_codec
 from ..codecs.base import Codec, EncodedGroup, SectionData
 from ..errors import BBFError, ModelError
 from ..models.arch import ModelDesc
@@ -127,8 +127,6 @@ class BBFWriter:
     def _write_section(self, sd: SectionData, block: int, aux_id: int = 0) -> None:
         method, stored = 0, sd.payload
         if self.compression == "auto" and sd.payload:
-            from ..codecs import entropy
-
             method, stored = entropy.compress(sd.payload, sd.word_size, sd.segments, self.dtype)
         self._pad()
         offset = self._sink.pos
