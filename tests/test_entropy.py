@@ -1,0 +1,218 @@
+"""The entropy stage: exact round trips, raw fallback, hostile input, and the per-column modelling gain."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zstandard as zstd
+
+from bbformat.codecs import entropy
+from bbformat.codecs.base import Segment
+from bbformat.errors import BBFError, FormatError
+from bbformat.words import to_words
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def words_of(x: np.ndarray, dtype: str) -> np.ndarray:
+    return to_words(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), dtype)
+
+
+def pca_like(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Gaussian columns whose scale decays with the column index, like SliceGPT's PCA-ordered embeddings."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, cols)) * np.exp(-np.arange(cols) / (cols / 4)) * 0.05
+
+
+def section(dtype: str, seed: int = 0) -> tuple[bytes, list[Segment]]:
+    """1-D words, a 2-D tensor, more 1-D words, another 2-D tensor: an odd number of words in all."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal(7), pca_like(300, 48, seed).ravel(), rng.standard_normal(4) + 1,
+             rng.standard_normal((64, 33)).ravel() * 0.01]
+    words = np.concatenate([words_of(p, dtype) for p in parts])
+    assert words.size % 2 == 1
+    return words.tobytes(), [Segment(7, 300, 48), Segment(7 + 300 * 48 + 4, 64, 33)]
+
+
+def word_size(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def roundtrip(payload: bytes, ws: int, segments, dtype: str) -> tuple[int, bytes]:
+    method, stored = entropy.compress(payload, ws, segments, dtype)
+    out = entropy.decompress(method, stored, len(payload), ws, dtype)
+    assert bytes(out) == payload
+    return method, stored
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roundtrip_with_and_without_segments(dtype):
+    payload, segs = section(dtype)
+    method, stored = roundtrip(payload, word_size(dtype), segs, dtype)
+    assert method == entropy.METHOD_PLANES and len(stored) < len(payload)
+    roundtrip(payload, word_size(dtype), (), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 4097])
+def test_roundtrip_small_and_odd_lengths(dtype, n):
+    words = words_of(np.random.default_rng(n).standard_normal(n) * 0.02, dtype)
+    roundtrip(words.tobytes(), word_size(dtype), (), dtype)
+    if n > 2:
+        roundtrip(words.tobytes(), word_size(dtype), (Segment(1, 1, n - 2),), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_section_decodes_in_parallel_chunks(dtype):
+    x = pca_like(2048, 576, seed=3)
+    payload = words_of(x, dtype).tobytes()
+    method, stored = roundtrip(payload, word_size(dtype), (Segment(0, 2048, 576),), dtype)
+    assert method == entropy.METHOD_PLANES
+    assert len(payload) > 2 << entropy.CHUNK_LOG2  # several chunks per stream, decoded on the thread pool
+
+
+def test_empty_payload():
+    for ws, dtype in ((1, "float16"), (2, "bfloat16"), (4, "float32")):
+        assert entropy.compress(b"", ws, (), dtype) == (entropy.METHOD_NONE, b"")
+        assert entropy.decompress(entropy.METHOD_NONE, b"", 0, ws, dtype) == b""
+
+
+def test_word_size_one_is_plain_zstd():
+    text = b"correction records " * 1000
+    method, stored = roundtrip(text, 1, (), "float16")
+    assert method == entropy.METHOD_PLANES and len(stored) < len(text) // 10
+    noise = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    assert entropy.compress(noise, 1, (), "float16") == (entropy.METHOD_NONE, noise)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_incompressible_words_are_stored_raw(dtype):
+    np_word = np.uint32 if dtype == "float32" else np.uint16
+    payload = np.random.default_rng(1).integers(0, np.iinfo(np_word).max, 20001, dtype=np_word).tobytes()
+    method, stored = entropy.compress(payload, word_size(dtype), (Segment(0, 101, 198),), dtype)
+    assert method == entropy.METHOD_NONE and stored == payload
+    assert entropy.decompress(method, stored, len(payload), word_size(dtype), dtype) == payload
+
+
+@pytest.mark.parametrize("zero_fraction", [0.03, 0.5])
+def test_escapes_and_byte_fallback(zero_fraction):
+    """Zeros lie far outside the exponent window: a few become escapes, many switch to byte coding."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((200, 100)) * 0.02
+    x[rng.random(x.shape) < zero_fraction] = 0
+    x[0, 0], x[1, 1] = 3e4, -1e-30  # outliers on both sides
+    for dtype in ("bfloat16", "float32"):
+        method, stored = roundtrip(words_of(x, dtype).tobytes(), word_size(dtype), (Segment(0, 200, 100),), dtype)
+        assert method == entropy.METHOD_PLANES
+        assert bool(stored[1] & entropy.FLAG_NIBBLES) == (zero_fraction < entropy.MAX_ESCAPE_FRACTION)
+
+
+def test_float32_from_bfloat16_compresses_its_zero_mantissa_planes():
+    x = torch.from_numpy(pca_like(256, 64)).to(torch.bfloat16).to(torch.float32).numpy()
+    payload = words_of(x, "float32").tobytes()
+    _, stored = roundtrip(payload, 4, (Segment(0, 256, 64),), "float32")
+    assert len(stored) < 0.4 * len(payload)  # the two low bytes are all zero
+
+
+def simple_planes_size(words: np.ndarray) -> int:
+    """Order-0 baseline: rotate, zstd on the whole top-byte plane, the other planes stored as they are."""
+    bits = words.dtype.itemsize * 8
+    rot = (words << words.dtype.type(1)) | (words >> words.dtype.type(bits - 1))
+    planes = rot.view(np.uint8).reshape(-1, words.dtype.itemsize)
+    best_top = min(len(zstd.ZstdCompressor(level=lv).compress(np.ascontiguousarray(planes[:, -1])))
+                   for lv in (1, 3, 9))
+    return best_top + planes[:, :-1].size
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pca_like_matrix_beats_order0_planes(dtype):
+    words = words_of(pca_like(2000, 128), dtype)
+    _, stored = roundtrip(words.tobytes(), 2, (Segment(0, 2000, 128),), dtype)
+    baseline = simple_planes_size(words.ravel())
+    assert len(stored) < 0.97 * baseline
+    # and the segment matters: without it the per-column bases are not available
+    _, flat = entropy.compress(words.tobytes(), 2, (), dtype)
+    assert len(stored) < len(flat)
+
+
+# --- hostile input ------------------------------------------------------------------------------------------
+
+
+def stored_section(dtype: str = "bfloat16") -> tuple[bytes, bytes]:
+    payload, segs = section(dtype)
+    method, stored = entropy.compress(payload, word_size(dtype), segs, dtype)
+    assert method == entropy.METHOD_PLANES
+    return payload, stored
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_truncated_stored_bytes_raise(dtype):
+    payload, stored = stored_section(dtype)
+    for cut in sorted({0, 1, 2, 3, 5, 10, len(stored) // 2, len(stored) - 1}):
+        with pytest.raises(FormatError):
+            entropy.decompress(entropy.METHOD_PLANES, stored[:cut], len(payload), word_size(dtype), dtype)
+    with pytest.raises(FormatError):
+        entropy.decompress(entropy.METHOD_PLANES, stored + b"\0", len(payload), word_size(dtype), dtype)
+
+
+def test_corrupt_bytes_raise_or_keep_the_size():
+    """Without a checksum (the container has one) a flipped data byte may decode to other words, but the decoder
+    never crashes, never returns another size, never allocates beyond raw_len."""
+    payload, stored = stored_section()
+    rng = np.random.default_rng(0)
+    failures = 0
+    for i in range(300):
+        bad = bytearray(stored)
+        pos = int(rng.integers(0, len(bad))) if i % 2 else int(rng.integers(0, min(60, len(bad))))
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        try:
+            out = entropy.decompress(entropy.METHOD_PLANES, bytes(bad), len(payload), 2, "bfloat16")
+        except FormatError:
+            failures += 1
+            continue
+        assert len(out) == len(payload)
+    assert failures > 50
+
+
+def test_wrong_sizes_and_methods_raise():
+    payload, stored = stored_section()
+    for raw_len in (len(payload) - 2, len(payload) + 2, 0, 10 ** 12):
+        with pytest.raises(FormatError):
+            entropy.decompress(entropy.METHOD_PLANES, stored, raw_len, 2, "bfloat16")
+    with pytest.raises(FormatError, match="raw length"):
+        entropy.decompress(entropy.METHOD_PLANES, stored, len(payload) + 1, 2, "bfloat16")
+    with pytest.raises(FormatError, match="unknown entropy method"):
+        entropy.decompress(7, stored, len(payload), 2, "bfloat16")
+    with pytest.raises(FormatError, match="method none"):
+        entropy.decompress(entropy.METHOD_NONE, b"abc", 4, 2, "bfloat16")
+    with pytest.raises(FormatError, match="word size"):
+        entropy.decompress(entropy.METHOD_PLANES, stored, len(payload), 4, "bfloat16")
+
+
+def test_huge_declared_sizes_are_refused_before_allocating():
+    # a header claiming one piece of 2^40 x 2^40 words in a 4-word section
+    head = bytearray([entropy.VERSION, 0, entropy.CHUNK_LOG2, 1])
+    for v in (1 << 40, 1 << 40):
+        entropy._put_varint(head, v)
+    head.append(0)
+    with pytest.raises(FormatError, match="exceeds its limit"):
+        entropy.decompress(entropy.METHOD_PLANES, bytes(head), 8, 2, "float16")
+    # a zstd chunk whose frame declares more than its chunk holds
+    frame = zstd.ZstdCompressor().compress(b"\0" * 100_000)
+    head = bytearray([entropy.VERSION, 0, entropy.CHUNK_LOG2])
+    entropy._put_varint(head, 100)
+    entropy._put_varint(head, len(frame) << 1 | 1)
+    with pytest.raises(FormatError, match="declares 100000 bytes, expected 100"):
+        entropy.decompress(entropy.METHOD_PLANES, bytes(head) + frame, 100, 1, "float16")
+
+
+def test_bad_input_to_compress():
+    with pytest.raises(BBFError, match="whole number"):
+        entropy.compress(b"\0" * 3, 2, (), "float16")
+    with pytest.raises(BBFError, match="does not fit dtype"):
+        entropy.compress(b"\0" * 8, 4, (), "bfloat16")
+    with pytest.raises(BBFError, match="overlaps"):
+        entropy.compress(b"\0" * 200, 2, (Segment(0, 5, 10), Segment(40, 5, 10)), "float16")
+    with pytest.raises(BBFError, match="outside"):
+        entropy.compress(b"\0" * 200, 2, (Segment(90, 5, 10),), "float16")
