@@ -208,3 +208,16 @@ def test_import_rejects_wrong_shape_naming_the_tensor(tmp_path):
         load_slicegpt(pt)
     with pytest.raises(ModelError, match="slicing config"):
         load_slicegpt(pt, json_path=tmp_path / "absent.json")
+
+
+def test_import_unknown_model_needs_config(tmp_path):
+    from bbformat.models.slicegpt_io import load_slicegpt
+
+    desc = tiny_desc("llama")  # 4 heads of 16, 2 KV heads: not in the table, and no head_dim 64 fits
+    path = _slicegpt_like_file(tmp_path, desc, random_slicegpt(desc, seed=8))
+    with pytest.raises(ModelError, match="config"):
+        load_slicegpt(path)
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 300, "max_position_embeddings": 64}
+    desc2, _ = load_slicegpt(path, config=cfg)
+    assert desc2 == desc

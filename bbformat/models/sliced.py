@@ -97,6 +97,8 @@ class SlicedLM(nn.Module):
         x = F.embedding(input_ids, self._w(d.prefix + "embed_tokens.weight"))
         rope = None
         if d.family == "opt":
+            if T > d.max_position_embeddings:
+                raise ModelError(f"sequence of {T} tokens is longer than the {d.max_position_embeddings} positions")
             x = x + self._w(d.prefix + "embed_positions.weight")[torch.arange(T, device=x.device) + 2]
         else:
             rope = self._rope(T, x.device)
