@@ -514,11 +514,10 @@ def _unpack_chunk(stored: memoryview, data0: int, c: tuple, out: np.ndarray) -> 
     wide = np.dtype(f"<u{2 * ws}")
     dst = out[2 * c[0]: 2 * (c[0] + pairs)].view(wide)
     np.copyto(dst, packed[:pairs], casting="unsafe")
-    hi = dst >> wide.type(4)
-    dst &= wide.type(15)
-    dst <<= wide.type(top_shift)
-    hi <<= wide.type(top_shift + 8 * ws)
-    dst |= hi
+    # One multiply puts the byte at both words' top bytes (the copies do not overlap); the mask keeps the low
+    # nibble in the first word and the high nibble in the second.
+    dst *= wide.type((1 << top_shift) | (1 << (top_shift + 8 * ws - 4)))
+    dst &= wide.type((15 << top_shift) | (15 << (top_shift + 8 * ws)))
     if pairs < c[1]:
         out[n - 1] = out.dtype.type(packed[pairs] & 15) << out.dtype.type(top_shift)
 
@@ -560,6 +559,14 @@ def _finish_tile(p: _Piece, tile: tuple, out: np.ndarray, lo: list, bases: np.nd
     for k, plane in enumerate(lo):
         low = grid(plane)
         w |= (low.astype(out.dtype) << word(8 * k)) if k else low
-    t = w >> word(1)
+    t = _scratch(w.size, out.dtype).reshape(w.shape)  # reused: a fresh temporary costs page faults
+    np.right_shift(w, word(1), out=t)
     w <<= word(8 * ws - 1)
     w |= t
+
+
+def _scratch(size: int, dtype: np.dtype) -> np.ndarray:
+    buf = getattr(_tls, "scratch", None)
+    if buf is None or buf.nbytes < size * dtype.itemsize:
+        buf = _tls.scratch = np.empty(max(size * dtype.itemsize, _TILE * 4), np.uint8)
+    return buf[:size * dtype.itemsize].view(dtype)
