@@ -108,8 +108,12 @@ def _hf_model(family):
     torch.manual_seed(0)
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
                   max_position_embeddings=64, attn_implementation="eager")
-    if family == "llama":
-        cfg = transformers.LlamaConfig(intermediate_size=96, num_key_value_heads=2, rope_theta=5000.0,
+    if family.startswith("llama"):
+        rope = {"rope_type": "default", "rope_theta": 5000.0}
+        if family == "llama-rope3":  # Llama 3.1's frequency scaling, with a context short enough to matter
+            rope.update(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=16)
+        cfg = transformers.LlamaConfig(intermediate_size=96, num_key_value_heads=2, rope_parameters=rope,
                                        rms_norm_eps=1e-5, tie_word_embeddings=False, **common)
         model = transformers.LlamaForCausalLM(cfg)
     else:
@@ -123,7 +127,7 @@ def _hf_model(family):
     return model
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("llama-rope3",))
 def test_fused_forward_matches_hugging_face(family):
     from bbformat.models.fusion import fuse_norms
 

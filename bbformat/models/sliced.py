@@ -29,7 +29,7 @@ class SlicedLM(nn.Module):
         super().__init__()
         if desc.activation not in _ACT:
             raise ModelError(f"unsupported activation {desc.activation!r}; expected one of {sorted(_ACT)}")
-        if desc.rope_scaling and desc.rope_scaling.get("rope_type", desc.rope_scaling.get("type")) != "default":
+        if _rope_type(desc.rope_scaling) not in ("default", "linear", "llama3"):
             raise ModelError(f"unsupported rope_scaling {desc.rope_scaling!r}")
         self.desc, self.dtype = desc, dtype
         self._shapes = {t.name: t.shape for t in desc.tensors()}
@@ -134,6 +134,7 @@ class SlicedLM(nn.Module):
         # frequencies and angles in float64, rounded once to the compute dtype (SliceGPT keeps them in fp16)
         h = self.desc.head_dim
         inv_freq = 1.0 / self.desc.rope_theta ** (torch.arange(0, h, 2, dtype=torch.float64, device=device) / h)
+        inv_freq = _scale_rope(inv_freq, self.desc.rope_scaling)
         ang = torch.arange(T, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
         ang = torch.cat([ang, ang], dim=-1)
         return ang.cos().to(self.dtype), ang.sin().to(self.dtype)
@@ -143,3 +144,21 @@ def _apply_rope(x, cos, sin):
     h = x.shape[-1] // 2
     rotated = torch.cat([-x[..., h:], x[..., :h]], dim=-1)  # Hugging Face's rotate_half convention
     return x * cos + rotated * sin
+
+
+def _rope_type(scaling: dict | None) -> str:
+    return "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _scale_rope(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """Hugging Face's "linear" and "llama3" (Llama 3.1+) frequency scalings."""
+    kind = _rope_type(scaling)
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        return inv_freq
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0: long wavelengths (scaled), 1: short (kept)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
