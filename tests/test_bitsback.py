@@ -159,7 +159,8 @@ def test_every_weight_within_threshold(coded, family, dtype):
             # the block section is shorter than the raw words by the popped words less the side information
             raw = sum(t.numel for t in desc.group_tensors(g))
             side = st["eig_words"] + st["sign_words"]
-            assert len(enc[g].sections[0].payload) == (raw - st["popped_words"] + side) * (2 if dtype != "float32" else 4)
+            word_size = 4 if dtype == "float32" else 2
+            assert len(enc[g].sections[0].payload) == (raw - st["popped_words"] + side) * word_size
     assert n_checked == desc.num_params()
 
 

@@ -21,8 +21,15 @@ triangle row by row: X[0,1], X[0,2], ..., X[0,D-1], X[1,2], ..., X[D-2,D-1].
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - then eigenvectors may depend on the BLAS thread count (SPEC 11.9)
+    threadpool_limits = None
 
 from ..words import to_words, torch_dtype, words_to_f64
 
@@ -43,6 +50,13 @@ def n_sign_words(D: int, bits: int) -> int:
 
 def _uint(bits: int) -> np.dtype:
     return np.dtype("<u2") if bits == 16 else np.dtype("<u4")
+
+
+def serial_blas():
+    """Pin BLAS/LAPACK to one thread: OpenBLAS's dsyevd returns (slightly) different eigenvectors for different
+    thread counts, and the decoder must reproduce the encoder's simulation; small eigh calls are also much faster
+    single-threaded on busy cores."""
+    return threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
 
 
 # ---- the word <-> entry map --------------------------------------------------------------------------------
