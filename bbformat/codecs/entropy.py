@@ -7,10 +7,9 @@ How method 1 models a section of float words:
 - Each word is rotated left by one bit, so the top byte is the exponent (bfloat16, float32) or the exponent and
   3 mantissa bits (float16), and the sign joins the low mantissa byte. Byte k of the rotated words forms plane k.
 - The top (exponent) plane is coded per *piece*: a 2-D tensor of the section (its `Segment`) or a run of 1-D words
-  between them. A piece is read row- or column-major, whichever codes smaller, and each *line* (row or column, in
-  that order) has a base exponent subtracted, so lines of very different scale (SliceGPT's PCA-ordered columns)
-  share one residual distribution; column-major order also lets zstd's per-block Huffman tables follow the
-  columns.
+  between them. Each piece subtracts a base exponent per row, per column or one for all, whichever codes
+  smallest, so rows or columns of very different scale (SliceGPT's PCA-ordered columns) share one residual
+  distribution.
 - bfloat16/float32 exponents carry ~2.6 bits, where zstd's Huffman loses a lot and its match finder hurts. So their
   residuals are packed two per byte as nibbles (15 = escape, full byte in an escape stream): the packed bytes
   carry ~5.2 bits, where Huffman is nearly exact. float16 top bytes (~5.5 bits) are coded as bytes.
@@ -43,7 +42,9 @@ CHUNK_LOG2 = 19  # 512 KiB of stream bytes per chunk: enough chunks for 2+ cores
 MIN_CHUNK_LOG2, MAX_CHUNK_LOG2 = 12, 26
 ESCAPE = 15
 NIBBLE_WINDOW = 15  # residuals 0..14 fit a nibble
-MIN_SEARCH_WORDS = 4096  # smaller pieces are not worth trying both orders
+MIN_SEARCH_WORDS = 4096  # smaller pieces are not worth trying per-row/per-column bases
+_TRIAL_WORDS = 1 << 18  # words of a piece the base-mode trial compresses
+_BASE_SAMPLE = 2048  # words of a row or column its base is estimated from
 MAX_ESCAPE_FRACTION = 1 / 16  # more escapes than this: nibbles lose, code the exponent bytes instead
 _PARALLEL_BYTES = 1 << 20  # below this a section decodes on the calling thread
 
@@ -377,19 +378,38 @@ def _coded_size(res: np.ndarray, bases: np.ndarray, nibbles: bool, cctx: zstd.Zs
 def _choose(grid: np.ndarray, piece: _Piece, shift: int, nibbles: bool, cctx: zstd.ZstdCompressor) -> np.ndarray:
     """Set the piece's base mode to whichever codes smallest: one base, a base per row, a base per column.
 
-    Returns the bases. (Column-major order, so that zstd's per-block tables follow the columns, saves another
-    0.1-0.4% on PCA-ordered tensors but numpy's transposed copy would make decoding ~3x slower: not used.)"""
-    one = _line_bases(grid.reshape(1, -1), shift, nibbles)
+    The trial runs on a sample of rows (about _TRIAL_WORDS), the bases on up to _BASE_SAMPLE words per row or
+    column. Returns the bases. (Column-major order, so that zstd's per-block tables follow the columns, saved
+    another 0.1-0.4% on PCA-ordered tensors, but numpy's transposed copy made decoding ~3x slower: not used.)"""
+    one = _line_bases(_sample(grid.reshape(1, -1), _TRIAL_WORDS), shift, nibbles)
     if piece.size < MIN_SEARCH_WORDS or piece.rows == 1:
         return np.repeat(one, piece.rows)
+    rows = grid[::-(-piece.rows * piece.cols // _TRIAL_WORDS)]
     best = None
-    for per_col, bases in ((False, np.repeat(one, piece.rows)), (False, _line_bases(grid, shift, nibbles)),
-                           (True, _line_bases(np.ascontiguousarray(grid.T), shift, nibbles))):
-        size = _coded_size(_residuals(grid, bases, per_col, shift), bases, nibbles, cctx)
+    for per_col in (None, False, True):
+        if per_col is None:
+            bases = np.repeat(one, rows.shape[0])
+        else:
+            bases = _line_bases(_col_sample(rows) if per_col else _sample(rows, _BASE_SAMPLE), shift, nibbles)
+        size = _coded_size(_residuals(rows, bases, bool(per_col), shift), bases, nibbles, cctx)
         if best is None or size < best[0]:
-            best = (size, per_col, bases)
-    _, piece.per_col, bases = best
-    return bases
+            best = (size, per_col)
+    piece.per_col = bool(best[1])
+    if best[1] is None:
+        return np.repeat(one, piece.rows)
+    if piece.per_col:
+        return _line_bases(_col_sample(grid), shift, nibbles)
+    return _line_bases(_sample(grid, _BASE_SAMPLE), shift, nibbles)
+
+
+def _sample(lines: np.ndarray, limit: int) -> np.ndarray:
+    """At most about `limit` evenly spaced elements of each line."""
+    return lines[:, ::-(-lines.shape[1] // limit)]
+
+
+def _col_sample(grid: np.ndarray) -> np.ndarray:
+    """The columns of `grid` as lines, each sampled to about _BASE_SAMPLE elements."""
+    return np.ascontiguousarray(grid[::-(-grid.shape[0] // _BASE_SAMPLE)].T)
 
 
 def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, level: int) -> bytes:
