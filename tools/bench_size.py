@@ -1,0 +1,143 @@
+"""Size and speed of every format on the real SmolLM2-135M sliced at 20/25/30%, float16 and bfloat16.
+
+Rows: safetensors of the sliced state dict (the baseline, 100%), zstd -3 of that file, ZipNN (if installed:
+`pip install zipnn`, benchmark only), .bbf raw (+ entropy stage), .bbf bitsback, .bbf exact, and the order-0
+entropy bound of the same words (per tensor) as a reference. Columns: size as % of the baseline, bits per
+weight, decode throughput (GB/s of output weights, all cores) and encode time. Prints a markdown table and
+writes JSON (--json).
+
+    .venv/bin/python tools/bench_size.py [--sparsity 0.2 0.25 0.3] [--dtype float16 bfloat16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, sliced_smollm2, write_json  # noqa: E402
+
+import bbformat  # noqa: E402
+from bbformat.words import to_words  # noqa: E402
+
+THREADS = os.cpu_count() or 2
+
+
+def best_time(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def order0_bits(tensors: dict, dtype: str) -> float:
+    """Sum over tensors of numel x order-0 entropy of the tensor's words (bits)."""
+    total = 0.0
+    for t in tensors.values():
+        w = to_words(t, dtype).reshape(-1)
+        counts = np.bincount(w.astype(np.int64), minlength=1 << 16 if w.itemsize == 2 else 0)
+        p = counts[counts > 0] / w.size
+        total += float(-(p * np.log2(p)).sum()) * w.size
+    return total
+
+
+def bench_one(desc, tensors32: dict, dtype: str, workdir: Path, repeat: int) -> list[dict]:
+    from safetensors.torch import save as st_save
+
+    td = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    tensors = {k: v.to(td).contiguous() for k, v in tensors32.items()}
+    n_weights = sum(v.numel() for v in tensors.values())
+    out_bytes = n_weights * 2
+    rows = []
+
+    t0 = time.perf_counter()
+    base = st_save(tensors)
+    base_s = time.perf_counter() - t0
+    B = len(base)
+
+    def row(name, size, decode_s=None, encode_s=None, note=""):
+        rows.append({"format": name, "dtype": dtype, "bytes": size, "percent": 100 * size / B,
+                     "bits_per_weight": 8 * size / n_weights,
+                     "decode_GBps": out_bytes / decode_s / 1e9 if decode_s else None,
+                     "encode_s": encode_s, "note": note})
+
+    row("safetensors (baseline)", B, encode_s=base_s)
+    cctx = zstandard.ZstdCompressor(level=3, threads=THREADS)
+    t0 = time.perf_counter()
+    z = cctx.compress(base)
+    enc = time.perf_counter() - t0
+    dctx = zstandard.ZstdDecompressor()
+    row("zstd -3 of the safetensors file", len(z), best_time(lambda: dctx.decompress(z), repeat), enc)
+
+    try:
+        from zipnn import ZipNN
+
+        zpn = ZipNN(input_format="byte", bytearray_dtype=dtype, threads=THREADS)
+        t0 = time.perf_counter()
+        zc = zpn.compress(base)
+        enc = time.perf_counter() - t0
+        assert bytes(zpn.decompress(zc)) == base, "ZipNN round trip failed"
+        row("ZipNN", len(zc), best_time(lambda: zpn.decompress(zc), repeat), enc)
+    except ImportError:
+        row("ZipNN", None, note="not installed (pip install zipnn)")
+
+    for codec in ("raw", "bitsback", "exact"):
+        path = workdir / f"m.{codec}.{dtype}.bbf"
+        t0 = time.perf_counter()
+        bbformat.save(tensors, str(path), model=desc, codec=codec, dtype=dtype)
+        enc = time.perf_counter() - t0
+
+        def decode():
+            with bbformat.open(str(path)) as f:
+                for _ in f.stream():
+                    pass
+
+        row(f".bbf {codec}", path.stat().st_size, best_time(decode, repeat), enc)
+    row("order-0 entropy bound (per tensor)", order0_bits(tensors, dtype) / 8, note="reference")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.2, 0.25, 0.3])
+    p.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(THREADS)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in args.sparsity:
+            desc, tensors, _ = sliced_smollm2(s, log=lambda m: print(m, file=sys.stderr))
+            for dtype in args.dtype:
+                rows = bench_one(desc, tensors, dtype, Path(tmp), args.repeat)
+                for r in rows:
+                    r["sparsity"] = s
+                results += rows
+                print(f"\n### SmolLM2-135M sliced {s:.0%}, {dtype}\n")
+                print(markdown_table(rows, [("format", "format", ""), ("percent", "size % of baseline", ".2f"),
+                                            ("bits_per_weight", "bits/weight", ".3f"),
+                                            ("decode_GBps", "decode GB/s", ".2f"), ("encode_s", "encode s", ".1f")]))
+                bound = rows[-1]["bytes"]
+                exact = next(r for r in rows if r["format"] == ".bbf exact")
+                zipnn = next(r for r in rows if r["format"] == "ZipNN")
+                line = f"\n.bbf exact is {100 * (exact['bytes'] / bound - 1):+.2f}% against the order-0 bound"
+                if zipnn["bytes"]:
+                    line += (f"; {zipnn['percent'] - exact['percent']:.2f} percentage points smaller than ZipNN; "
+                             f"decode {exact['decode_GBps'] / zipnn['decode_GBps']:.2f}x ZipNN's throughput")
+                print(line, flush=True)
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
