@@ -29,10 +29,7 @@ def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
             model_raw += r.raw_len
             model_stored += r.stored_len
             corrections += r.corrections
-    state = h["stats"].get("codec", {}) if isinstance(h["stats"], dict) else {}
-    used = state.get("symmetries")
-    syms = [s for s in m.symmetries() if used is None or s.name in used] if used is not None else []
-    theoretical = sum(s.free_params for s in syms)
+    theoretical = sum(s.free_params for s in f.codec.symmetries_removed(m))
     saved_words = (plain - model_raw) / ws
     return {
         "file": f.url,

@@ -92,6 +92,10 @@ class Codec:
     def decoder(self, desc: ModelDesc, dtype: str, state: dict[str, Any]) -> GroupDecoder:  # pragma: no cover
         raise NotImplementedError
 
+    def symmetries_removed(self, desc: ModelDesc) -> list:
+        """The symmetries whose k(k-1)/2 free parameters this codec does not store (bbf-inspect's accounting)."""
+        return []
+
     def sections_for(self, group: str) -> tuple[str, ...]:
         """Section kinds this group has, in push order."""
         if group == "embed":
