@@ -522,7 +522,8 @@ def _tiles(p: _Piece) -> list[tuple[int, int, int, int]]:
     """Split a piece into (row0, row1, col0, col1) tiles of about _TILE words: whole rows unless rows are long."""
     nw = min(p.cols, _TILE)
     nl = max(1, _TILE // nw)
-    return [(a, min(p.rows, a + nl), c, min(p.cols, c + nw)) for a in range(0, p.rows, nl) for c in range(0, p.cols, nw)]
+    return [(a, min(p.rows, a + nl), c, min(p.cols, c + nw))
+            for a in range(0, p.rows, nl) for c in range(0, p.cols, nw)]
 
 
 def _unpack_chunk(stored: memoryview, data0: int, c: tuple, out: np.ndarray) -> None:
