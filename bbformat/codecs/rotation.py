@@ -12,9 +12,9 @@ patterns, all zeros, all ones), it returns finite numbers and never fails.
 Word <-> matrix entry map (the paper's: the popped words are read as floats of the file's word dtype):
     x = the word's value as a float16 / bfloat16 / float32 number; NaN and Inf patterns count as 0
     w = x rounded to nearest in the word dtype, after clamping |x| to the dtype's largest finite value
-Both directions are total and finite. (A map that spreads words uniformly over (-1, 1) is total too, but is about
-30x worse here: weight words cluster in two narrow bands of the word range, so X's entries are large compared with
-their spacing and the decoder's small rotation error [A, X] moves them by hundreds of word steps.)
+Both directions are total and finite. (A map that spreads words uniformly over (-1, 1) is total too, but needs
+30-100x more corrections: weight words cluster in two narrow bands of the word range, so X's entries are large
+compared with their spacing, and the decoder's small rotation error [A, X] moves them by hundreds of word steps.)
 Order of the D(D+1)/2 words of X: first the diagonal X[0,0], X[1,1], ..., X[D-1,D-1], then the strict upper
 triangle row by row: X[0,1], X[0,2], ..., X[0,D-1], X[1,2], ..., X[D-2,D-1].
 """
