@@ -191,7 +191,7 @@ class _Oracle:
             out += _uvarint(pos.size)
             for g in np.diff(pos, prepend=-1) - 1:
                 out += _uvarint(int(g))
-            out += vals.astype(vals.dtype.newbyteorder("<")).tobytes()
+            out += _le_bytes(vals)
         return bytes(out)
 
 
@@ -244,6 +244,10 @@ def _uvarint(v: int) -> bytes:
     return bytes(out)
 
 
+def _le_bytes(words: np.ndarray) -> bytes:
+    return words.astype(words.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def _layer_index(desc: ModelDesc, group: str) -> int:
     kind, _, idx = group.partition(".")
     if kind != "layer" or not idx.isdigit() or int(idx) >= desc.num_layers:
@@ -266,7 +270,7 @@ class _Encoder(GroupEncoder):
                 return self._encode_block(group, words, t0)
         seq = group_words(self.desc, group, words)
         kind = self.codec.sections_for(group)[0]
-        sec = SectionData(kind, seq.tobytes(), seq.itemsize, group_segments(self.desc, group))
+        sec = SectionData(kind, _le_bytes(seq), seq.itemsize, group_segments(self.desc, group))
         return EncodedGroup([sec], words, {"seconds": time.perf_counter() - t0})
 
     def _check(self, group: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -318,7 +322,7 @@ class _Encoder(GroupEncoder):
                      correction_bytes=len(payload), encode_seconds=t1 - t0,
                      simulate_seconds=time.perf_counter() - t1)
         n_corr = sum(stats["corrections"].values())
-        sections = [SectionData("block", section.tobytes(), section.itemsize, plan.segments),
+        sections = [SectionData("block", _le_bytes(section), section.itemsize, plan.segments),
                     SectionData("correction", payload, 1, corrections=n_corr)]
         return EncodedGroup(sections, words, stats)
 
