@@ -376,6 +376,13 @@ class BitsBackCodec(Codec):
     def params(self):
         return {"threshold": self.threshold}
 
+    def symmetries_removed(self, desc):
+        used = set()
+        for i in range(desc.num_layers):
+            plan = BlockPlan(desc, i, "float16")  # the skip rule depends on shapes only, not on the dtype
+            used |= {p.name for p in (plan.mid, plan.out) if p.bits_back}
+        return [s for s in desc.symmetries() if s.name in used]
+
     def encoder(self, desc, dtype):
         return _Encoder(self, desc, dtype)
 
