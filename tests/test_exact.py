@@ -161,6 +161,8 @@ def test_bad_input_is_refused():
     e = _encode(desc, tensors, dtype)["layer.0"]
     with pytest.raises(FormatError, match="block section has"):
         dec.decode("layer.0", {"block": e.sections[0].payload[:-2], "correction": b""})
+    with pytest.raises(FormatError, match="correction section is not empty"):
+        dec.decode("layer.0", {"block": e.sections[0].payload, "correction": b"x"})
     enc = get_codec("exact").encoder(desc, dtype)
     embed = {t.name: tensors[t.name].clone() for t in desc.group_tensors("embed")}
     embed[desc.prefix + "embed_tokens.weight"][5, 3] = float("nan")
