@@ -99,6 +99,7 @@ def test_saved_words_are_the_symmetries_free_parameters(family, dtype):
 
     assert size(raw) - size(exact) == free * word
     assert sum(e.stats["saved_words"] for e in exact.values()) == free
+    assert sum(s.free_params for s in get_codec("exact").symmetries_removed(desc)) == free
     for g, e in exact.items():  # one empty correction section per block, as the container expects
         kinds = [s.kind for s in e.sections]
         assert kinds == list(get_codec("exact").sections_for(g))

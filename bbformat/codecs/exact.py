@@ -232,6 +232,10 @@ class _ExactDecoder(GroupDecoder):
 class ExactCodec(Codec):
     id = "exact"
 
+    def symmetries_removed(self, desc):
+        with_carrier = carriers(desc)
+        return [s for s in desc.symmetries() if s.name in with_carrier]
+
     def encoder(self, desc, dtype):
         return _ExactEncoder(self, desc, dtype)
 
