@@ -49,7 +49,7 @@ def _reference_canonical(desc, tensors):
         apply_rotation(x, sym, triangular_rotation(c, x[c.tensor]))
         w = x[c.tensor]
         if c.axis == 1:
-            w[:c.k] = torch.tril(w[:c.k])
+            w[c.start:c.start + c.k] = torch.tril(w[c.start:c.start + c.k])
         else:
             w[:, :c.k] = torch.triu(w[:, :c.k])
     return x
@@ -108,7 +108,7 @@ def test_saved_words_are_the_symmetries_free_parameters(family, dtype):
     canon = {n: w for e in exact.values() for n, w in e.canonical.items()}
     for c in carriers(desc).values():
         block = from_words(canon[c.tensor], dtype).to(torch.float64)
-        block = block[:c.k] if c.axis == 1 else block[:, :c.k]
+        block = block[c.start:c.start + c.k] if c.axis == 1 else block[:, :c.k]
         zeros = to_words(block, dtype)[np.triu_indices(c.k, 1) if c.axis == 1 else np.tril_indices(c.k, -1)]
         assert (zeros == 0).all()
         assert (torch.diagonal(block) >= 0).all()
@@ -139,6 +139,7 @@ def test_carriers_are_eligible_for_real_shapes():
             assert all(c.tensor not in {a.tensor for a in later.actions} for later in syms[i + 1:])
     smol = {k: c.tensor.rsplit(".", 2)[-2:] for k, c in carriers(example_desc("smollm2-135m", 0.25)).items()}
     assert smol["emb"] == ["embed_tokens", "weight"]
+    assert carriers(example_desc("smollm2-135m", 0.25))["emb"].start == (49152 - 432) // 2  # middle of the vocabulary
 
 
 def test_bit_flip_changes_only_its_block():

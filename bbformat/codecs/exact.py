@@ -6,12 +6,12 @@ to every tensor of the symmetry (StreamingRotator). The block's k(k-1)/2 structu
 Decoding is reading: the zeros are put back, nothing is computed, and every group decodes on its own.
 
 Carrier blocks (normative text: SPEC.md section 12, "Codec exact"):
-  * axis 1 (W <- W R, W has shape (n, k)): the first k rows W[:k, :] become LOWER triangular, W[:k] = L;
-    QR of B^T with B = W[:k]: B^T = Q T  =>  B Q = T^T.
+  * axis 1 (W <- W R, W has shape (n, k)): k rows B = W[s:s+k, :] become LOWER triangular (s = 0, except the
+    embeddings: the middle of the vocabulary); QR of B^T: B^T = Q T  =>  B Q = T^T.
   * axis 0 (W <- R^T W, W has shape (k, n)): the first k columns W[:, :k] become UPPER triangular;
     QR of A = W[:, :k]: A = Q T  =>  Q^T A = T.
 Stored form of a carrier: the triangle's non-zero part row by row (row r: L[r, :r+1] or T[r, r:]), then the rest
-of the tensor row-major (W[k:, :] for axis 1, W[:, k:] for axis 0). Every other tensor is stored row-major.
+of the tensor row-major (W[:s] and W[s+k:] for axis 1, W[:, k:] for axis 0). Every other tensor is stored row-major.
 
 Everything is rotated in float64 and rounded to the word dtype once per group; the structural zeros are set to
 +0.0 before rounding, so they are exactly the zero word.
@@ -45,9 +45,10 @@ PREFERENCE = {
 class Carrier:
     symmetry: str
     tensor: str
-    axis: int  # the symmetry's axis on the carrier: 1 -> first k rows lower triangular, 0 -> first k cols upper
+    axis: int  # the symmetry's axis on the carrier: 1 -> k rows lower triangular, 0 -> first k cols upper
     k: int
     shape: tuple[int, int]
+    start: int = 0  # axis 1: first row of the block (the embeddings use a middle window, see `carriers`)
 
     @property
     def zeros(self) -> int:
@@ -62,6 +63,16 @@ class Carrier:
         """(row, col) of the stored triangle entries inside the k x k block, in storage (row-major) order."""
         return np.tril_indices(self.k) if self.axis == 1 else np.triu_indices(self.k)
 
+    def block(self, w):
+        """The k x k block of a carrier-shaped array (a view)."""
+        return w[self.start:self.start + self.k, :] if self.axis == 1 else w[:, :self.k]
+
+    def rest(self, w) -> list:
+        """The parts of the tensor outside the block, in storage order (views)."""
+        if self.axis == 1:
+            return [w[:self.start, :], w[self.start + self.k:, :]]
+        return [w[:, self.k:]]
+
 
 def _candidates(desc: ModelDesc, sym: Symmetry) -> list[str]:
     kind, _, idx = sym.name.partition(".")
@@ -75,7 +86,11 @@ def _candidates(desc: ModelDesc, sym: Symmetry) -> list[str]:
 def carriers(desc: ModelDesc) -> dict[str, Carrier]:
     """Symmetry name -> its carrier: the first candidate that is 2-D, in the symmetry's own group, long enough
     (>= k rows for axis 1, >= k columns for axis 0) and not acted on by any later symmetry (which would undo the
-    triangle). A symmetry with no eligible candidate has no carrier and is left as it is."""
+    triangle). A symmetry with no eligible candidate has no carrier and is left as it is.
+
+    The embeddings' block is the k rows in the middle of the vocabulary: vocabularies put special, reserved and
+    padding tokens first or last, and untrained ones often share one row (SmolLM2's first 432 rows have rank 425),
+    which would make the canonical form depend on rounding noise (it changes with the BLAS thread count)."""
     syms = desc.symmetries()
     info = desc.tensor_map()
     out: dict[str, Carrier] = {}
@@ -87,15 +102,15 @@ def carriers(desc: ModelDesc) -> dict[str, Carrier]:
                 continue
             if t.shape[axis] != sym.size or t.shape[1 - axis] < sym.size:
                 continue
-            out[sym.name] = Carrier(sym.name, name, axis, sym.size, t.shape)
+            start = (t.shape[0] - sym.size) // 2 if sym.name == "emb" else 0
+            out[sym.name] = Carrier(sym.name, name, axis, sym.size, t.shape, start)
             break
     return out
 
 
 def triangular_rotation(carrier: Carrier, w: torch.Tensor) -> torch.Tensor:
     """The orthogonal R (float64) that makes the carrier's block triangular with a non-negative diagonal."""
-    k = carrier.k
-    a = w[:, :k] if carrier.axis == 0 else w[:k, :].T
+    a = carrier.block(w) if carrier.axis == 0 else carrier.block(w).T
     q, t = torch.linalg.qr(a.to(torch.float64))
     sign = torch.where(torch.diagonal(t) < 0, -1.0, 1.0).to(torch.float64)
     return q * sign
@@ -103,18 +118,14 @@ def triangular_rotation(carrier: Carrier, w: torch.Tensor) -> torch.Tensor:
 
 def _zero_structural(carrier: Carrier, w: torch.Tensor) -> None:
     """Set the block's strictly upper (axis 1) / lower (axis 0) part to exactly +0.0 (rotation leaves ~1e-17)."""
-    k = carrier.k
-    if carrier.axis == 1:
-        w[:k, :] = torch.tril(w[:k, :])
-    else:
-        w[:, :k] = torch.triu(w[:, :k])
+    b = carrier.block(w)
+    b.copy_(torch.tril(b) if carrier.axis == 1 else torch.triu(b))
 
 
 def _carrier_parts(carrier: Carrier, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A carrier's words -> (stored triangle, rest), both 1-D, in storage order."""
-    k = carrier.k
-    block, rest = (words[:k, :], words[k:, :]) if carrier.axis == 1 else (words[:, :k], words[:, k:])
-    return block[carrier.triangle_index()], np.ascontiguousarray(rest).reshape(-1)
+    rest = [r.reshape(-1) for r in carrier.rest(words)]
+    return carrier.block(words)[carrier.triangle_index()], np.concatenate(rest) if len(rest) > 1 else rest[0]
 
 
 class _Layout:
@@ -217,13 +228,11 @@ class _ExactDecoder(GroupDecoder):
             else:
                 w = out[dst:dst + t.numel].reshape(t.shape)
                 ntri = c.k * (c.k + 1) // 2
-                block = w[:c.k, :] if c.axis == 1 else w[:, :c.k]
-                block[c.triangle_index()] = payload[src:src + ntri]
+                c.block(w)[c.triangle_index()] = payload[src:src + ntri]
                 src += ntri
-                rows, cols = c.rest_shape
-                rest = w[c.k:, :] if c.axis == 1 else w[:, c.k:]
-                rest[...] = payload[src:src + rows * cols].reshape(rows, cols)
-                src += rows * cols
+                for part in c.rest(w):
+                    part[...] = payload[src:src + part.size].reshape(part.shape)
+                    src += part.size
             dst += t.numel
         return out
 
