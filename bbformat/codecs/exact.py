@@ -33,7 +33,8 @@ from .canonical import StreamingRotator
 # Carrier candidates per kind of symmetry, by role, best first; the first eligible one (see `carriers`) is the
 # carrier. Shortcuts first: their rows have norm <= 1 (slices of products of orthonormal bases), so the triangle
 # cannot overflow any dtype, and their blocks are well conditioned (SmolLM2 25%: median cond 3 / 15 against
-# ~4e3 for o_proj / down_proj). Sizes after the entropy stage differ by < 0.1% between choices (SPEC.md, 12.4).
+# ~4e3 for o_proj / down_proj), which keeps the canonical form reproducible (it does not depend on rounding noise).
+# Sizes after the entropy stage differ by < 0.1% between choices (SPEC.md, 12.4).
 PREFERENCE = {
     "emb": ("embed_tokens", "embed_positions"),
     "mid": ("attn_sc", "o", "gate", "up"),
@@ -161,7 +162,7 @@ class _ExactEncoder(GroupEncoder):
         self.carriers = carriers(desc)
         self.by_tensor = {c.tensor: c for c in self.carriers.values()}
         self.rotator = StreamingRotator(desc, self._choose)
-        self.saved = 0
+        self.saved = 0  # words not stored, over the groups encoded so far
 
     def _choose(self, sym: Symmetry, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
         c = self.carriers.get(sym.name)
@@ -197,6 +198,9 @@ class _ExactEncoder(GroupEncoder):
         sections += [SectionData(k, b"", 1) for k in kinds[1:]]  # empty correction section: nothing to correct
         stats = {"saved_words": layout.saved, "carriers": {c.symmetry: c.tensor for c in layout.carriers.values()}}
         return EncodedGroup(sections, words, stats)
+
+    def finish(self) -> dict:
+        return {"saved_words": self.saved}
 
 
 class _ExactDecoder(GroupDecoder):
