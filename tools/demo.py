@@ -58,8 +58,10 @@ def main() -> None:
     desc, tensors = slice_model(model, calib, args.sparsity, dtype=torch.float16)
     t_slice = time.perf_counter() - t0
     del model
-    ppl_sliced = perplexity(bbformat.models.sliced.SlicedLM(desc, tensors).eval(), eval_ids)
-    print(f"      sliced in {t_slice:.0f} s: {desc.num_params():,} parameters, perplexity {ppl_sliced:.2f}")
+    window = eval_ids[:512].unsqueeze(0)
+    with torch.no_grad():
+        sliced_logits = bbformat.models.sliced.SlicedLM(desc, tensors).eval()(window)
+    print(f"      sliced in {t_slice:.0f} s: {desc.num_params():,} parameters")
 
     path = out / f"smollm2-135m-{int(args.sparsity * 100)}.{args.codec}.bbf"
     print(f"[3/5] writing {path} (codec {args.codec}, float16, tokenizer inside)")
@@ -78,8 +80,13 @@ def main() -> None:
         t_load = time.perf_counter() - t0
         ids2 = tokenize_text(tok2, args.text)[: args.eval_tokens]
         assert torch.equal(ids2, eval_ids), "the tokenizer stored in the file tokenises differently"
+        with torch.no_grad():
+            diff = (loaded(window) - sliced_logits).abs().max().item()
+        print(f"      loaded from {url} in {t_load:.1f} s; max |logit difference| to the sliced model "
+              f"{diff:.2e} (canonical form and float16 rounding)")
+        t0 = time.perf_counter()
         ppl_loaded = perplexity(loaded, ids2)
-        print(f"      loaded from {url} in {t_load:.1f} s; perplexity {ppl_loaded:.2f}")
+        print(f"      perplexity {ppl_loaded:.2f} ({time.perf_counter() - t0:.0f} s)")
         print("[5/5] bbf-inspect " + url)
         with bbformat.open(url) as f:
             summary = summarize(f)
@@ -91,13 +98,13 @@ def main() -> None:
     fp16_plain = t["plain_bytes"]
     print("\n== summary ==")
     print(f"perplexity (first {args.eval_tokens:,} tokens of Hamlet, ctx 512, stride 512): original {ppl_orig:.2f}, "
-          f"sliced {ppl_sliced:.2f}, after the .bbf round trip over HTTP {ppl_loaded:.2f}")
+          f"sliced at {args.sparsity:.0%} and loaded from the .bbf over HTTP {ppl_loaded:.2f}")
     print(f"sizes: sliced fp16 arrays {fp16_plain / 1e6:.1f} MB -> {path.name} {t['file_bytes'] / 1e6:.1f} MB "
           f"({100 * t['file_bytes'] / fp16_plain:.1f}%, {t['bits_per_weight']:.2f} bits/weight); write {t_write:.1f} s,"
           f" load over HTTP {t_load:.1f} s; total {time.perf_counter() - t_all:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "ppl_original": ppl_orig, "ppl_sliced": ppl_sliced, "ppl_loaded": ppl_loaded, "file": str(path),
+            "ppl_original": ppl_orig, "ppl_loaded": ppl_loaded, "max_logit_diff": diff, "file": str(path),
             "file_bytes": t["file_bytes"], "plain_bytes": fp16_plain, "slice_s": t_slice, "write_s": t_write,
             "load_s": t_load}, indent=1))
 
