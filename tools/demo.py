@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--codec", default="exact")
     p.add_argument("--eval-tokens", type=int, default=20480)
-    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--out", default="out")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
