@@ -175,3 +175,21 @@ def test_bad_input_is_refused():
     embed[desc.prefix + "embed_tokens.weight"][0] = 6e4  # representable; its row norm is not
     with pytest.raises(BBFError, match="overflows float16"):
         get_codec("exact").encoder(desc, dtype).encode("embed", embed)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_canonical_form_does_not_depend_on_the_symmetries(family):
+    # the point of the codec: a model rotated by arbitrary symmetry rotations has the same canonical form
+    desc = _desc(family)
+    orig = {n: t.to(torch.float64) for n, t in random_slicegpt(desc, seed=4, dtype=torch.float64).items()}
+    moved = dict(orig)
+    gen = torch.Generator().manual_seed(5)
+    for sym in desc.symmetries():
+        q, r = torch.linalg.qr(torch.randn(sym.size, sym.size, generator=gen, dtype=torch.float64))
+        apply_rotation(moved, sym, q)
+    a, b = _encode(desc, orig, "float32"), _encode(desc, moved, "float32")
+    for g in desc.groups():
+        for name, w in a[g].canonical.items():
+            x, y = from_words(w, "float32"), from_words(b[g].canonical[name], "float32")
+            assert (x - y).abs().max() <= 1e-5 * x.abs().max(), name  # measured: identical words; allow rare one-ulp flips
+    assert not torch.allclose(orig[desc.layer_names(1)["down"]], moved[desc.layer_names(1)["down"]])
