@@ -25,7 +25,7 @@ def encode_all(desc, weights, codec, dtype):
 
 
 def decode_all(desc, encoded, codec, dtype, sections=None):
-    dec = codec.decoder(desc, dtype, {})
+    dec = codec.decoder(desc, dtype)
     return {g: dec.decode(g, (sections or {}).get(g) or {s.kind: s.payload for s in e.sections})
             for g, e in encoded.items()}
 
@@ -204,7 +204,7 @@ def test_flipped_bit_stays_in_its_block(coded):
 
 def test_block_decodes_alone(coded):
     desc, _, codec, enc, dec = coded("opt")
-    fresh = codec.decoder(desc, "float16", {})
+    fresh = codec.decoder(desc, "float16")
     e = enc["layer.2"]
     np.testing.assert_array_equal(fresh.decode("layer.2", {s.kind: s.payload for s in e.sections}), dec["layer.2"])
 
@@ -225,7 +225,7 @@ def test_arbitrary_sections_decode_finite(coded):
     """Random, all-zero, all-ones and NaN words in a block section decode without errors or warnings, and the
     computed carriers are finite."""
     desc, _, codec, enc, _ = coded("llama")
-    dec = codec.decoder(desc, "float16", {})
+    dec = codec.decoder(desc, "float16")
     n = len(enc["layer.0"].sections[0].payload) // 2
     empty = b"\x00" * 4  # four empty correction lists
     names = desc.layer_names(0)
@@ -240,7 +240,7 @@ def test_arbitrary_sections_decode_finite(coded):
 
 def test_bad_sections_raise(coded):
     desc, _, codec, enc, _ = coded("llama", "float16", 1e-6)
-    dec = codec.decoder(desc, "float16", {})
+    dec = codec.decoder(desc, "float16")
     block, corr = (s.payload for s in enc["layer.0"].sections)
     with pytest.raises(FormatError, match="block section has"):
         dec.decode("layer.0", {"block": block[:-2], "correction": corr})

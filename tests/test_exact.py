@@ -27,7 +27,7 @@ def _encode(desc, tensors, dtype, codec="exact"):
 
 
 def _decode(desc, encoded, dtype):
-    dec = get_codec("exact").decoder(desc, dtype, {})
+    dec = get_codec("exact").decoder(desc, dtype)
     return {g: dec.decode(g, {s.kind: s.payload for s in e.sections}) for g, e in encoded.items()}
 
 
@@ -150,7 +150,7 @@ def test_bit_flip_changes_only_its_block():
     bad = bytearray(sec.payload)
     bad[len(bad) // 3] ^= 0x10
     sec.payload = bytes(bad)
-    dec = get_codec("exact").decoder(desc, dtype, {})
+    dec = get_codec("exact").decoder(desc, dtype)
     for g in reversed(desc.groups()):  # any order: each group decodes on its own
         seq = dec.decode(g, {s.kind: s.payload for s in encoded[g].sections})
         assert (seq != clean[g]).sum() == (g == "layer.1")  # exactly one word, in the damaged block only
@@ -159,7 +159,7 @@ def test_bit_flip_changes_only_its_block():
 def test_bad_input_is_refused():
     desc, dtype = _desc("opt"), "float16"
     tensors = random_slicegpt(desc, seed=0)
-    dec = get_codec("exact").decoder(desc, dtype, {})
+    dec = get_codec("exact").decoder(desc, dtype)
     e = _encode(desc, tensors, dtype)["layer.0"]
     with pytest.raises(FormatError, match="block section has"):
         dec.decode("layer.0", {"block": e.sections[0].payload[:-2], "correction": b""})

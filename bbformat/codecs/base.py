@@ -61,7 +61,7 @@ class GroupEncoder:
         raise NotImplementedError
 
     def finish(self) -> dict[str, Any]:
-        """Codec state/stats to store in the header under codec["state"] (may be empty)."""
+        """Encoder statistics, stored (informative only) in the header under stats.codec."""
         return {}
 
 
@@ -89,7 +89,7 @@ class Codec:
     def encoder(self, desc: ModelDesc, dtype: str) -> GroupEncoder:  # pragma: no cover
         raise NotImplementedError
 
-    def decoder(self, desc: ModelDesc, dtype: str, state: dict[str, Any]) -> GroupDecoder:  # pragma: no cover
+    def decoder(self, desc: ModelDesc, dtype: str) -> GroupDecoder:  # pragma: no cover
         raise NotImplementedError
 
     def symmetries_removed(self, desc: ModelDesc) -> list:

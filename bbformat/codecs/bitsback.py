@@ -386,5 +386,5 @@ class BitsBackCodec(Codec):
     def encoder(self, desc, dtype):
         return _Encoder(self, desc, dtype)
 
-    def decoder(self, desc, dtype, state):
+    def decoder(self, desc, dtype):
         return _Decoder(self, desc, dtype)

@@ -252,5 +252,5 @@ class ExactCodec(Codec):
     def encoder(self, desc, dtype):
         return _ExactEncoder(self, desc, dtype)
 
-    def decoder(self, desc, dtype, state):
+    def decoder(self, desc, dtype):
         return _ExactDecoder(self, desc, dtype)

@@ -40,5 +40,5 @@ class RawCodec(Codec):
     def encoder(self, desc, dtype):
         return _RawEncoder(self, desc, dtype)
 
-    def decoder(self, desc, dtype, state):
+    def decoder(self, desc, dtype):
         return _RawDecoder(self, desc, dtype)

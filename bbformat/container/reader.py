@@ -63,7 +63,7 @@ class BBFReader:
         self.codec = get_codec(self.header["codec"]["id"], self.header["codec"].get("params", {}))
         self.tensors = check_tensor_table(self.header, self.model)
         self._by_group = self._map_sections()
-        self._decoder = self.codec.decoder(self.model, self.dtype, self.header["codec"].get("state", {}))
+        self._decoder = self.codec.decoder(self.model, self.dtype)
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_groups
         self._lock = threading.Lock()
