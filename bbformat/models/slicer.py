@@ -67,7 +67,12 @@ def pca_basis(x: torch.Tensor) -> torch.Tensor:
         c = chunk.double()
         H.addmm_(c.T, c)
     H.diagonal().add_(0.01 * H.diagonal().mean())
-    vals, vecs = torch.linalg.eigh(H)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a threaded eigh of a d x d matrix is slower, up to 50x on a busy machine
+    try:
+        vecs = torch.linalg.eigh(H).eigenvectors
+    finally:
+        torch.set_num_threads(threads)
     return vecs.flip(-1)  # eigh sorts ascending
 
 
