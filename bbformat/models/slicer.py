@@ -52,7 +52,7 @@ def slice_model(hf_model, calib_ids: torch.Tensor, sparsity: float, *, progress:
                          f"{base.max_position_embeddings} positions")
     slicing = uniform_slicing(base.hidden_size, base.num_layers, sparsity, base.family, round_to, slice_head)
     calib = {"sparsity": float(sparsity), "calibration_samples": int(calib_ids.shape[0]),
-             "calibration_tokens": int(calib_ids.shape[1])}
+             "calibration_seq_len": int(calib_ids.shape[1])}
     desc = hf_desc(hf_model.config, slicing, extra={"slicing": calib})
     with torch.inference_mode():
         return desc, _Slicer(hf_model, desc, dtype).run(calib_ids.long(), progress)
