@@ -10,6 +10,7 @@ float16; the forward runs in float32.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -31,14 +32,24 @@ def main() -> None:
     p.add_argument("--codecs", nargs="+", default=["raw", "bitsback", "exact"])
     p.add_argument("--dtype", default="float16")
     p.add_argument("--json", default=None)
+    p.add_argument("--cache", default=None, help="JSON file of finished evaluations: a rerun skips them")
     args = p.parse_args()
+    done = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
+
+    def ppl_of(key, model_fn):
+        if key not in done:
+            done[key] = perplexity(model_fn(), ids, progress=False)
+            if args.cache:
+                Path(args.cache).write_text(json.dumps(done, indent=1))
+        return done[key]
+
     from bbformat.models.hf import load_hf
 
     model, tokenizer, _ = load_hf(GGUF)
     ids = hamlet_ids(tokenizer)[:EVAL_TOKENS]
     rows = []
     t0 = time.perf_counter()
-    ppl = perplexity(model, ids, progress=False)
+    ppl = ppl_of("original", lambda: model)
     fp16_bytes = sum(p.numel() for p in model.state_dict().values()) * 2
     rows.append({"model": "SmolLM2-135M (original)", "ppl": ppl, "bytes": None, "note": f"{fp16_bytes / 1e6:.1f} "
                  "MB of fp16 arrays"})
@@ -50,15 +61,19 @@ def main() -> None:
             desc, tensors32, _ = sliced_smollm2(s, log=lambda m: print(m, file=sys.stderr))
             tensors = {k: v.to(td) for k, v in tensors32.items()}
             plain = sum(v.numel() for v in tensors.values()) * td.itemsize
-            base = perplexity(SlicedLM(desc, tensors).eval(), ids, progress=False)
+            base = ppl_of(f"sliced {s}", lambda: SlicedLM(desc, tensors).eval())
             rows.append({"model": f"sliced {s:.0%}", "ppl": base, "bytes": plain, "percent": 100.0,
                          "note": f"{args.dtype} arrays (plain layout)"})
             print(f"sliced {s:.0%}: {base:.2f}", file=sys.stderr)
             for codec in args.codecs:
                 path = Path(tmp) / f"m.{codec}.bbf"
                 bbformat.save(tensors, str(path), model=desc, codec=codec, dtype=args.dtype)
-                loaded = bbformat.load_model(str(path))
-                ppl = perplexity(loaded, ids, progress=False)
+                if codec == "raw":  # bit-identical words, so the same model: check that instead of re-evaluating
+                    back = bbformat.load(str(path))
+                    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+                    ppl = base
+                else:
+                    ppl = ppl_of(f"{codec} {s}", lambda: bbformat.load_model(str(path)))
                 size = path.stat().st_size
                 rows.append({"model": f"sliced {s:.0%} -> .bbf {codec}", "ppl": ppl, "bytes": size,
                              "percent": 100 * size / plain, "delta_ppl": ppl - base,
