@@ -157,3 +157,17 @@ def test_tokenizer_round_trip():
     assert back.bos_token_id == 1 and back.unk_token == "<unk>"
     with pytest.raises(BBFError):
         tokenizer_from_bytes(b"not json")
+
+
+def test_load_hf_from_a_local_directory(tmp_path):
+    from bbformat.models.hf import load_hf
+
+    tiny_opt().save_pretrained(tmp_path)
+    model, tokenizer, desc = load_hf(tmp_path)
+    assert type(model).__name__ == "OPTForCausalLM" and tokenizer is None
+    assert (desc.family, desc.hidden_size, desc.num_layers, desc.lm_head_bias) == ("opt", D, L, True)
+    with pytest.raises(BBFError):
+        load_hf(tmp_path / "missing")
+    (tmp_path / "model.gguf").write_bytes(b"")
+    with pytest.raises(BBFError):
+        load_hf(tmp_path / "model.gguf")

@@ -68,8 +68,10 @@ def load_hf(path) -> tuple[torch.nn.Module, Any, ModelDesc]:
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a weights-only directory: the caller tokenises elsewhere
-    if tokenizer is not None and not hasattr(tokenizer, "backend_tokenizer"):
-        tokenizer = None  # slow (Python) tokenizers cannot be serialised to tokenizer.json
+    if tokenizer is not None and (not hasattr(tokenizer, "backend_tokenizer") or tokenizer.vocab_size == 0):
+        # slow (Python) tokenizers cannot be serialised to tokenizer.json; with no tokenizer files transformers
+        # invents an empty one
+        tokenizer = None
     return model.eval(), tokenizer, desc
 
 
