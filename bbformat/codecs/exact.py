@@ -129,6 +129,25 @@ def _carrier_parts(carrier: Carrier, words: np.ndarray) -> tuple[np.ndarray, np.
     return carrier.block(words)[carrier.triangle_index()], np.concatenate(rest) if len(rest) > 1 else rest[0]
 
 
+def canonical_form(desc: ModelDesc, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole model in this codec's canonical form, in float64, before any rounding.
+
+    The slicer applies it before its one cast to the output dtype. The structural zeros then survive any rounding
+    and the diagonals stay non-negative, so the encoder's QR factorisations are identities and an `exact` file
+    holds the sliced model's words bit for bit (no second rounding)."""
+    by_name = carriers(desc)
+    rot = StreamingRotator(desc, lambda sym, t: None if sym.name not in by_name
+                           else triangular_rotation(by_name[sym.name], t[by_name[sym.name].tensor]))
+    out: dict[str, torch.Tensor] = {}
+    for group in desc.groups():
+        canon = rot.process(group, {t.name: tensors[t.name] for t in desc.group_tensors(group)})
+        for c in by_name.values():
+            if c.tensor in canon:
+                _zero_structural(c, canon[c.tensor])
+        out.update(canon)
+    return out
+
+
 class _Layout:
     """Where each tensor of a group sits in the payload (words saved = the carriers' zeros)."""
 

@@ -32,13 +32,15 @@ _ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 def slice_model(hf_model, calib_ids: torch.Tensor, sparsity: float, *, progress: bool = True, round_to: int = 8,
-                dtype: torch.dtype = torch.float16, slice_head: bool = False
+                dtype: torch.dtype = torch.float16, slice_head: bool = False, canonical: bool = True
                 ) -> tuple[ModelDesc, dict[str, torch.Tensor]]:
     """Slice `hf_model` (LlamaForCausalLM / OPTForCausalLM) to `sparsity` with PCA on `calib_ids` [N, T].
 
     Returns the sliced `ModelDesc` and its tensors under their SliceGPT names, in `dtype`. Widths are
     k = int((1 - sparsity) * d) rounded down to a multiple of `round_to`; the last layer's output (and the
     head) stay d wide unless `slice_head`. Sparsity 0 only rotates: the model computes the same function.
+    With `canonical` (default) the rotations left free by SliceGPT's symmetries are fixed to the `exact` codec's
+    canonical form before the one rounding to `dtype`, so `exact` files reproduce the sliced model bit for bit.
     """
     base = model_desc(hf_model.config)
     calib_ids = torch.as_tensor(calib_ids)
@@ -55,7 +57,12 @@ def slice_model(hf_model, calib_ids: torch.Tensor, sparsity: float, *, progress:
              "calibration_seq_len": int(calib_ids.shape[1])}
     desc = hf_desc(hf_model.config, slicing, extra={"slicing": calib})
     with torch.inference_mode():
-        return desc, _Slicer(hf_model, desc, dtype).run(calib_ids.long(), progress)
+        tensors = _Slicer(hf_model, desc, torch.float64).run(calib_ids.long(), progress)
+        if canonical:  # pick, among the equivalent rotations, the exact codec's canonical one (see canonical_form)
+            from ..codecs.exact import canonical_form
+
+            tensors = canonical_form(desc, tensors)
+        return desc, {n: t.to(dtype).contiguous() for n, t in tensors.items()}
 
 
 def pca_basis(x: torch.Tensor) -> torch.Tensor:
