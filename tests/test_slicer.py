@@ -50,7 +50,7 @@ def calib(n=6, t=T, seed=2):
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
 def test_sparsity_zero_is_exact(make):
     model = make().double()
-    desc, tensors = slice_model(model, calib(), 0.0, dtype=torch.float64, progress=False)
+    desc, tensors = slice_model(model, calib(), 0.0, dtype=torch.float64, progress=False, canonical=False)
     assert desc.attn_input_dims == (D,) * L and desc.mlp_output_dims == (D,) * L
     ids = calib(2, 32, seed=5)
     want = model(ids).logits
@@ -87,7 +87,7 @@ def test_pca_signals_flow_through_the_sliced_layers(make):
     input of the sliced model has a diagonal Gram matrix with descending diagonal (a wrong propagation breaks
     this even though it keeps the rotations orthogonal)."""
     ids = calib(8)
-    desc, tensors = slice_model(make(), ids, 0.25, dtype=torch.float32, progress=False)
+    desc, tensors = slice_model(make(), ids, 0.25, dtype=torch.float32, progress=False, canonical=False)
     sliced = SlicedLM(desc, tensors)
     seen = []
     norm = sliced.rms_norm
@@ -171,3 +171,18 @@ def test_load_hf_from_a_local_directory(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"")
     with pytest.raises(BBFError):
         load_hf(tmp_path / "model.gguf")
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_canonical_form_is_the_same_model(make):
+    """The default output (the exact codec's canonical rotation) computes what the PCA-oriented one does."""
+    model = make().double()
+    ids = calib(2, 32, seed=5)
+    pca = SlicedLM(*slice_model(model, calib(), 0.25, dtype=torch.float64, progress=False, canonical=False),
+                   dtype=torch.float64)(ids)
+    desc, tensors = slice_model(model, calib(), 0.25, dtype=torch.float64, progress=False)
+    canon = SlicedLM(desc, tensors, dtype=torch.float64)(ids)
+    assert (canon - pca).abs().max() < 1e-9 * pca.abs().max()
+    assert not torch.equal(tensors[desc.layer_names(0)["attn_sc"]],
+                           slice_model(model, calib(), 0.25, dtype=torch.float64, progress=False,
+                                       canonical=False)[1][desc.layer_names(0)["attn_sc"]])
