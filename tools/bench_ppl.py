@@ -68,14 +68,14 @@ def main() -> None:
             for codec in args.codecs:
                 path = Path(tmp) / f"m.{codec}.bbf"
                 bbformat.save(tensors, str(path), model=desc, codec=codec, dtype=args.dtype)
-                if codec == "raw":  # bit-identical words, so the same model: check that instead of re-evaluating
-                    back = bbformat.load(str(path))
-                    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+                back = bbformat.load(str(path))
+                if all(torch.equal(back[k], tensors[k]) for k in tensors):  # bit-identical: the same model
                     ppl = base
                 else:
                     ppl = ppl_of(f"{codec} {s}", lambda: bbformat.load_model(str(path)))
                 size = path.stat().st_size
                 rows.append({"model": f"sliced {s:.0%} -> .bbf {codec}", "ppl": ppl, "bytes": size,
+                             "bit_identical": ppl is base,
                              "percent": 100 * size / plain, "delta_ppl": ppl - base,
                              "rel_change_percent": 100 * (ppl - base) / base})
                 print(f"  {codec}: {ppl:.3f} ({size / 1e6:.1f} MB)", file=sys.stderr)
