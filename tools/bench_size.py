@@ -1,5 +1,6 @@
 """Size and speed of every format on the real SmolLM2-135M sliced at 20/25/30%, float16 and bfloat16.
 
+Input: SmolLM2-135M sliced with SliceGPT's procedure in its PCA orientation (as a SliceGPT checkpoint holds it).
 Rows: safetensors of the sliced state dict (the baseline, 100%), zstd -3 of that file, ZipNN (if installed:
 `pip install zipnn`, benchmark only), .bbf raw (+ entropy stage), .bbf bitsback, .bbf exact, and the order-0
 entropy bound of the same words (per tensor) as a reference. Columns: size as % of the baseline, bits per
@@ -118,7 +119,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for s in args.sparsity:
-            desc, tensors, _ = sliced_smollm2(s, log=lambda m: print(m, file=sys.stderr))
+            # SliceGPT's own PCA orientation, as users' checkpoints have it (bbf slice's canonical output would
+            # hand every row the exact codec's structural zeros)
+            desc, tensors, _ = sliced_smollm2(s, log=lambda m: print(m, file=sys.stderr), canonical=False)
             for dtype in args.dtype:
                 rows = bench_one(desc, tensors, dtype, Path(tmp), args.repeat)
                 for r in rows:

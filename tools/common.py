@@ -28,14 +28,17 @@ def hamlet_ids(tokenizer) -> torch.Tensor:
     return tokenize_text(tokenizer, TEXT)
 
 
-def sliced_smollm2(sparsity: float, log=print):
-    """(desc, float32 tensors, tokenizer) of SmolLM2-135M sliced at `sparsity`, cached under cache/sliced/."""
+def sliced_smollm2(sparsity: float, log=print, canonical: bool = True):
+    """(desc, float32 tensors, tokenizer) of SmolLM2-135M sliced at `sparsity`, cached under cache/sliced/.
+
+    `canonical=False` keeps SliceGPT's own PCA orientation (what a SliceGPT checkpoint holds)."""
     from bbformat.models.hf import load_hf
     from bbformat.models.slicegpt_io import load_slicegpt, save_slicegpt
     from bbformat.models.slicer import slice_model
 
     ensure_assets()
-    path = CACHE / "sliced" / f"smollm2-135m_{sparsity:.2f}.safetensors"
+    form = "" if canonical else "-pca"
+    path = CACHE / "sliced" / f"smollm2-135m{form}_{sparsity:.2f}.safetensors"
     model, tokenizer, _ = load_hf(GGUF)
     if path.exists():
         desc, tensors = load_slicegpt(path)
@@ -44,7 +47,7 @@ def sliced_smollm2(sparsity: float, log=print):
     n = CALIB_SAMPLES * CALIB_LEN
     calib = ids[EVAL_TOKENS: EVAL_TOKENS + n].reshape(CALIB_SAMPLES, CALIB_LEN)
     t0 = time.perf_counter()
-    desc, tensors = slice_model(model, calib, sparsity, dtype=torch.float32, progress=False)
+    desc, tensors = slice_model(model, calib, sparsity, dtype=torch.float32, progress=False, canonical=canonical)
     log(f"sliced SmolLM2-135M at {sparsity:.0%} in {time.perf_counter() - t0:.0f} s")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_slicegpt(desc, tensors, path)
