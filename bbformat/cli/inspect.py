@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ..container.layout import COMPRESSIONS
 from ..container.reader import BBFReader
 from ..words import word_bits
 from .common import add_storage_args, run_cli, storage_options
@@ -23,7 +24,7 @@ def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
         rows.append({"index": r.index, "kind": r.kind, "block": r.block if r.block >= 0 else None,
                      "offset": r.offset, "stored": r.stored_len, "raw": r.raw_len,
                      "ratio": round(r.stored_len / r.raw_len, 4) if r.raw_len else None,
-                     "compression": ("none", "zstd-planes")[r.compression] if r.compression < 2 else r.compression,
+                     "compression": COMPRESSIONS[r.compression],
                      "corrections": r.corrections, "checksum_ok": ok.get(r.index)})
         if r.kind != "aux":
             model_raw += r.raw_len

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..codecs import entropy, get_codec
-from ..errors import ChecksumError, FormatError, ModelError
+from ..errors import ChecksumError, FormatError, TruncatedError, VersionError
 from ..models.arch import ModelDesc
 from ..words import from_words
 from .header import check_tensor_table, parse_header
@@ -35,7 +35,6 @@ class BBFReader:
         self.store = Store(self.url, storage_options)
         size = self.store.size
         if size < PREAMBLE.size + FOOTER.size:
-            from ..errors import TruncatedError
             raise TruncatedError(f"{self.url}: {size} bytes is too short for a .bbf file")
         tail_start = max(0, size - SUFFIX_GUESS)
         tail = self.store.read(tail_start, size)
@@ -171,7 +170,6 @@ class BBFReader:
         except ValueError:
             raise FormatError(f"header: bad format_version {v!r}") from None
         if major != MAJOR:
-            from ..errors import VersionError
             raise VersionError(f"format version {v} is not supported by this reader (it reads {MAJOR}.x)")
 
     def _map_sections(self) -> dict[str, dict[str, SectionRecord]]:
@@ -227,4 +225,4 @@ def load(url: str, storage_options: dict | None = None) -> dict[str, torch.Tenso
         return f.load_all()
 
 
-__all__ = ["BBFReader", "open", "load", "ModelError"]
+__all__ = ["BBFReader", "open", "load"]
