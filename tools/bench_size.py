@@ -67,8 +67,8 @@ def bench_one(desc, tensors32: dict, dtype: str, workdir: Path, repeat: int) -> 
     B = len(base)
 
     def row(name, size, decode_s=None, encode_s=None, note=""):
-        rows.append({"format": name, "dtype": dtype, "bytes": size, "percent": 100 * size / B,
-                     "bits_per_weight": 8 * size / n_weights,
+        rows.append({"format": name, "dtype": dtype, "bytes": size, "percent": size and 100 * size / B,
+                     "bits_per_weight": size and 8 * size / n_weights,
                      "decode_GBps": out_bytes / decode_s / 1e9 if decode_s else None,
                      "encode_s": encode_s, "note": note})
 
