@@ -58,6 +58,8 @@ def from_words(words: np.ndarray, dtype: str) -> torch.Tensor:
     """Words -> torch tensor of `dtype` (shares memory with `words` when possible)."""
     td, _, bits = WORD_DTYPES[check_dtype(dtype)]
     w = np.ascontiguousarray(words, dtype=word_np_dtype(dtype))
+    if not w.flags.writeable:  # torch tensors must own writable memory
+        w = w.copy()
     return torch.from_numpy(w.view(np.int16 if bits == 16 else np.int32)).view(td)
 
 

@@ -241,6 +241,8 @@ class _ExactDecoder(GroupDecoder):
             raise FormatError(f"group {group}: codec 'exact' has no corrections, but the correction section "
                               f"is not empty")
         payload = np.frombuffer(data, dtype=wd)
+        if not layout.carriers:  # nothing to re-insert: the payload is the decoded sequence (no copy)
+            return payload
         out = np.zeros(layout.numel, dtype=wd)  # structural zeros are the zero word
         src = dst = 0
         for t in layout.tensors:

@@ -206,7 +206,8 @@ class BBFReader:
         if words.size != total:
             rec = next(iter(self._by_group[group].values()))
             raise FormatError(f"{rec.label}: decoded {words.size} words, the tensor table needs {total}")
-        words = np.array(words, copy=True)  # own, writable memory for the tensors
+        if not words.flags.writeable:  # tensors need writable memory; decoders usually hand over their own
+            words = words.copy()
         out = {}
         for t in infos:
             off = self.tensors[t.name]["offset"]
