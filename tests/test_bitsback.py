@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bbformat.codecs import get_codec
+from bbformat.codecs.base import split_group
 from bbformat.codecs.bitsback import BlockPlan, BitsBackCodec
 from bbformat.codecs.rotation import canonical_rotation, choose_signs, eig_from_words, eig_to_words, \
     n_rotation_words, recover_rotation, rotation_from_words, signs_from_words, signs_to_words, \
@@ -28,15 +29,6 @@ def decode_all(desc, encoded, codec, dtype, sections=None):
     dec = codec.decoder(desc, dtype)
     return {g: dec.decode(g, (sections or {}).get(g) or {s.kind: s.payload for s in e.sections})
             for g, e in encoded.items()}
-
-
-def split(desc, group, seq):
-    out, off = {}, 0
-    for t in desc.group_tensors(group):
-        out[t.name] = seq[off: off + t.numel].reshape(t.shape)
-        off += t.numel
-    assert off == seq.size
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +137,7 @@ def test_every_weight_within_threshold(coded, family, dtype):
     desc, _, _, enc, dec = coded(family, dtype)
     n_checked = 0
     for g in desc.groups():
-        got = split(desc, g, dec[g])
+        got = split_group(desc, g, dec[g])
         for name, want in enc[g].canonical.items():
             err = np.abs(words_to_f64(got[name], dtype) - words_to_f64(want, dtype))
             assert err.max() <= TAU, (name, err.max())
@@ -170,7 +162,7 @@ def test_small_threshold_forces_corrections(coded):
     corrections = sum(sum(enc[g].stats["corrections"].values()) for g in desc.groups() if g.startswith("layer"))
     assert corrections > 1000
     for g in desc.groups():
-        got = split(desc, g, dec[g])
+        got = split_group(desc, g, dec[g])
         for name, want in enc[g].canonical.items():
             assert np.abs(words_to_f64(got[name], "float16") - words_to_f64(want, "float16")).max() <= 1e-6
 
@@ -181,7 +173,8 @@ def test_logits_match(coded, family):
     per-weight errors below the threshold (~1% of the logit scale for these tiny float16 models)."""
     desc, weights, _, enc, dec = coded(family)
     canon = {n: from_words(w, "float16").float() for e in enc.values() for n, w in e.canonical.items()}
-    decoded = {n: from_words(w, "float16").float() for g in desc.groups() for n, w in split(desc, g, dec[g]).items()}
+    decoded = {n: from_words(w, "float16").float()
+               for g in desc.groups() for n, w in split_group(desc, g, dec[g]).items()}
     ids = torch.randint(0, desc.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         orig, can, got = (SlicedLM(desc, w)(ids) for w in (weights, canon, decoded))
@@ -216,7 +209,7 @@ def test_uncovered_pop_skips_bits_back(coded):
     assert not plan.mid.bits_back and plan.out.bits_back
     assert enc["layer.0"].stats["skipped"] == ["mid.0"]
     for g in desc.groups():
-        got = split(desc, g, dec[g])
+        got = split_group(desc, g, dec[g])
         for name, want in enc[g].canonical.items():
             assert np.abs(words_to_f64(got[name], "float16") - words_to_f64(want, "float16")).max() <= TAU
 
@@ -232,7 +225,7 @@ def test_arbitrary_sections_decode_finite(coded):
     for words in (np.random.default_rng(0).integers(0, 2**16, n), np.zeros(n), np.full(n, 0xFFFF),
                   np.full(n, 0x7E00)):
         with np.errstate(all="raise"):
-            got = split(desc, "layer.0", dec.decode("layer.0", {"block": words.astype("<u2").tobytes(),
+            got = split_group(desc, "layer.0", dec.decode("layer.0", {"block": words.astype("<u2").tobytes(),
                                                                "correction": empty}))
         for role in ("o", "down"):
             assert np.isfinite(words_to_f64(got[names[role]], "float16")).all()

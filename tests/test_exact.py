@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bbformat.codecs import get_codec
+from bbformat.codecs.base import split_group
 from bbformat.codecs.exact import carriers, triangular_rotation
 from bbformat.errors import BBFError, FormatError, ModelError
 from bbformat.models.arch import apply_rotation
@@ -29,15 +30,6 @@ def _encode(desc, tensors, dtype, codec="exact"):
 def _decode(desc, encoded, dtype):
     dec = get_codec("exact").decoder(desc, dtype)
     return {g: dec.decode(g, {s.kind: s.payload for s in e.sections}) for g, e in encoded.items()}
-
-
-def _split(desc, group, seq):
-    out, off = {}, 0
-    for t in desc.group_tensors(group):
-        out[t.name] = seq[off:off + t.numel].reshape(t.shape)
-        off += t.numel
-    assert off == seq.size
-    return out
 
 
 def _reference_canonical(desc, tensors):
@@ -69,7 +61,7 @@ def test_roundtrip_bit_exact_and_logits(family, dtype):
     encoded = _encode(desc, orig, dtype)
     decoded = {}
     for g, seq in _decode(desc, encoded, dtype).items():
-        for name, w in _split(desc, g, seq).items():
+        for name, w in split_group(desc, g, seq).items():
             assert np.array_equal(w, encoded[g].canonical[name]), name  # every word
             decoded[name] = w
     # the streaming encoder's canonical words equal the whole-model canonical form, rounded once

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..errors import UnknownCodecError
+from ..errors import FormatError, UnknownCodecError
 from ..models.arch import ModelDesc
 
 SECTION_KINDS = ("initial", "block", "correction", "head", "aux")
@@ -133,6 +133,17 @@ def group_words(desc: ModelDesc, group: str, tensors: dict[str, np.ndarray]) -> 
     """Concatenate a group's tensors (word arrays) in file order: the decoded word sequence."""
     parts = [np.ascontiguousarray(tensors[t.name]).reshape(-1) for t in desc.group_tensors(group)]
     return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def split_group(desc: ModelDesc, group: str, seq: np.ndarray) -> dict[str, np.ndarray]:
+    """The inverse of `group_words`: a group's decoded word sequence -> name -> word array of the tensor's shape."""
+    out, off = {}, 0
+    for t in desc.group_tensors(group):
+        out[t.name] = seq[off: off + t.numel].reshape(t.shape)
+        off += t.numel
+    if off != seq.size:
+        raise FormatError(f"{group}: decoded {seq.size} words, its tensors need {off}")
+    return out
 
 
 def group_segments(desc: ModelDesc, group: str, start: int = 0) -> tuple[Segment, ...]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..codecs import entropy, get_codec
+from ..codecs.base import split_group
 from ..errors import ChecksumError, FormatError, TruncatedError, VersionError
 from ..models.arch import ModelDesc
 from ..words import from_words
@@ -201,18 +202,14 @@ class BBFReader:
     def _decode_group(self, group: str) -> dict[str, torch.Tensor]:
         raw = {kind: self.read_section(rec) for kind, rec in self._by_group[group].items()}
         words = self._decoder.decode(group, raw)
-        infos = self.model.group_tensors(group)
-        total = sum(t.numel for t in infos)
-        if words.size != total:
-            rec = next(iter(self._by_group[group].values()))
-            raise FormatError(f"{rec.label}: decoded {words.size} words, the tensor table needs {total}")
         if not words.flags.writeable:  # tensors need writable memory; decoders usually hand over their own
             words = words.copy()
-        out = {}
-        for t in infos:
-            off = self.tensors[t.name]["offset"]
-            out[t.name] = from_words(words[off: off + t.numel], self.dtype).reshape(t.shape)
-        return out
+        try:
+            parts = split_group(self.model, group, words)  # offsets == the checked tensor table's
+        except FormatError as e:
+            rec = next(iter(self._by_group[group].values()))
+            raise FormatError(f"{rec.label}: {e}") from None
+        return {name: from_words(w, self.dtype) for name, w in parts.items()}
 
 
 def open(url: str, storage_options: dict | None = None, **kwargs: Any) -> BBFReader:  # noqa: A001
