@@ -54,7 +54,6 @@ def main() -> None:
     rows.append({"model": "SmolLM2-135M (original)", "ppl": ppl, "bytes": None, "note": f"{fp16_bytes / 1e6:.1f} "
                  "MB of fp16 arrays"})
     print(f"original: {ppl:.2f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    del model
     td = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         for s in args.sparsity:

@@ -16,7 +16,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from ..codecs import entropy, get_codec

@@ -32,8 +32,7 @@ class Store:
             raise BBFError(f"cannot open {self.url}: {e} (install bbformat[remote])") from None
         except (OSError, ValueError) as e:
             raise BBFError(f"cannot open {self.url}: {e}") from None
-        self._http = "http" in self.fs.protocol if isinstance(self.fs.protocol, tuple) else \
-            self.fs.protocol.startswith("http")
+        self._http = any(p.startswith("http") for p in _protocols(self.fs))
         self._local = threading.local()
         self.bytes_read = 0
         self.requests = 0
@@ -112,6 +111,9 @@ class AtomicSink:
                 pass
 
 
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
 def _is_local(fs) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return proto in ("file", "local")
+    return _protocols(fs)[0] in ("file", "local")

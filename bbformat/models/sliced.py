@@ -109,35 +109,55 @@ class SlicedLM(nn.Module):
         bias = self._w("lm_head.bias") if d.lm_head_bias else None
         return F.linear(self.rms_norm(x), self._w("lm_head.weight"), bias)
 
-    def _linear(self, x, n, role):
-        return F.linear(x, self._w(n[role]), self._w(n.get(role + "_bias")))
+    def _weights(self, n: dict[str, str]):
+        """role -> weight (or None) of one layer, for `attention` / `mlp`."""
+        return lambda role: self._w(n.get(role))
 
     def _attention(self, x, n, rope):
-        d = self.desc
-        B, T, _ = x.shape
-        q = self._linear(x, n, "q").view(B, T, d.num_heads, d.head_dim).transpose(1, 2)
-        k = self._linear(x, n, "k").view(B, T, d.num_kv_heads, d.head_dim).transpose(1, 2)
-        v = self._linear(x, n, "v").view(B, T, d.num_kv_heads, d.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(d.head_dim),
-                                           enable_gqa=d.num_kv_heads != d.num_heads)
-        return self._linear(o.transpose(1, 2).reshape(B, T, -1), n, "o")
+        return attention(x, self._weights(n), self.desc, rope)
 
     def _mlp(self, x, n):
-        act = _ACT[self.desc.activation]
-        if "gate" in n:  # llama: SiLU-gated
-            return self._linear(act(self._linear(x, n, "gate")) * self._linear(x, n, "up"), n, "down")
-        return self._linear(act(self._linear(x, n, "up")), n, "down")
+        return mlp(x, self._weights(n), self.desc)
 
     def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        # frequencies and angles in float64, rounded once to the compute dtype (SliceGPT keeps them in fp16)
-        h = self.desc.head_dim
-        inv_freq = 1.0 / self.desc.rope_theta ** (torch.arange(0, h, 2, dtype=torch.float64, device=device) / h)
-        inv_freq = _scale_rope(inv_freq, self.desc.rope_scaling)
-        ang = torch.arange(T, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
-        ang = torch.cat([ang, ang], dim=-1)
-        return ang.cos().to(self.dtype), ang.sin().to(self.dtype)
+        return rope_tables(self.desc, T, self.dtype, device)
+
+
+def attention(x: torch.Tensor, w, desc: ModelDesc, rope) -> torch.Tensor:
+    """Causal self-attention of (already normalised) x [B, T, k_a]; w(role) gives a layer's weights by role
+    (q, k, v, o and their biases, or None). Shared by SlicedLM and the slicer."""
+    B, T, _ = x.shape
+
+    def proj(role, heads):
+        return F.linear(x, w(role), w(role + "_bias")).view(B, T, heads, desc.head_dim).transpose(1, 2)
+
+    q, k, v = proj("q", desc.num_heads), proj("k", desc.num_kv_heads), proj("v", desc.num_kv_heads)
+    if rope is not None:
+        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(desc.head_dim),
+                                       enable_gqa=desc.num_kv_heads != desc.num_heads)
+    return F.linear(o.transpose(1, 2).reshape(B, T, -1), w("o"), w("o_bias"))
+
+
+def mlp(x: torch.Tensor, w, desc: ModelDesc) -> torch.Tensor:
+    """The MLP of (already normalised) x: SiLU-gated for llama (a `gate` weight), plain for OPT."""
+    act = _ACT[desc.activation]
+    if w("gate") is not None:
+        h = act(F.linear(x, w("gate"))) * F.linear(x, w("up"))
+    else:
+        h = act(F.linear(x, w("up"), w("up_bias")))
+    return F.linear(h, w("down"), w("down_bias"))
+
+
+def rope_tables(desc: ModelDesc, T: int, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin for positions 0..T-1: frequencies and angles in float64 (with the model's rope scaling),
+    rounded once to `dtype` (SliceGPT keeps them in fp16)."""
+    h = desc.head_dim
+    inv_freq = 1.0 / desc.rope_theta ** (torch.arange(0, h, 2, dtype=torch.float64, device=device) / h)
+    inv_freq = _scale_rope(inv_freq, desc.rope_scaling)
+    ang = torch.arange(T, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def _apply_rope(x, cos, sin):

@@ -16,7 +16,6 @@ float64, cast to the output dtype at the end.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +24,10 @@ from tqdm.auto import tqdm
 from ..errors import ModelError
 from .arch import SLICEGPT_RMS_EPS, ModelDesc
 from .hf import model_desc
+from .sliced import attention, mlp, rope_tables
 from .slicegpt_io import hf_desc, uniform_slicing
 
 _BATCH = 8  # calibration samples per forward chunk: bounds the attention's working memory
-_ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 def slice_model(hf_model, calib_ids: torch.Tensor, sparsity: float, *, progress: bool = True, round_to: int = 8,
@@ -150,28 +149,10 @@ class _Slicer:
 
     def _attention(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         """Attention of RMSN(x) for x [B, T, k_a], with float32 copies of the (sliced) weights in w."""
-        d = self.desc
-        B, T, _ = x.shape
-        h = _rms_norm(x, d.hidden_size)
-
-        def proj(r, heads):
-            return F.linear(h, w[r], w.get(r + "_bias")).view(B, T, heads, d.head_dim).transpose(1, 2)
-
-        q, k, v = proj("q", d.num_heads), proj("k", d.num_kv_heads), proj("v", d.num_kv_heads)
-        if not self.opt:
-            q, k = _rope(q, *self.rope), _rope(k, *self.rope)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(d.head_dim),
-                                           enable_gqa=d.num_kv_heads != d.num_heads)
-        return F.linear(o.transpose(1, 2).reshape(B, T, -1), w["o"], w.get("o_bias"))
+        return attention(_rms_norm(x, self.desc.hidden_size), w.get, self.desc, self.rope)
 
     def _mlp(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = _rms_norm(x, self.desc.hidden_size)
-        act = _ACT[self.desc.activation]
-        if "gate" in w:
-            a = act(F.linear(h, w["gate"])) * F.linear(h, w["up"])
-        else:
-            a = act(F.linear(h, w["up"], w.get("up_bias")))
-        return F.linear(a, w["down"], w.get("down_bias"))
+        return mlp(_rms_norm(x, self.desc.hidden_size), w.get, self.desc)
 
     def _slice_layer(self, i: int, x: torch.Tensor, Qa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate and slice layer i whose input x [N, T, k_a] is in basis Qa[:, :k_a]; returns (the sliced output
@@ -216,8 +197,7 @@ class _Slicer:
     # ---- the whole model ----------------------------------------------------------------------------
     def run(self, ids: torch.Tensor, progress: bool) -> dict[str, torch.Tensor]:
         d = self.desc
-        if not self.opt:
-            self.rope = _rope_tables(d.head_dim, d.rope_theta, ids.shape[1])
+        self.rope = None if self.opt else rope_tables(d, ids.shape[1], torch.float32)
         x = self._embeddings(ids)
         Q = pca_basis(x)
         k0 = d.embedding_dims[0]
@@ -237,15 +217,3 @@ class _Slicer:
         if wrong:
             raise ModelError(f"slicer produced the wrong tensor set: {sorted(wrong)[:3]}")
         return {t.name: self.out[t.name] for t in d.tensors()}
-
-
-def _rope_tables(head_dim: int, theta: float, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().float(), ang.sin().float()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
