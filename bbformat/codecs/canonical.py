@@ -31,6 +31,8 @@ class StreamingRotator:
         for s in desc.symmetries():
             self._by_group.setdefault(s.group, []).append(s)
         self._pending: list[tuple[Symmetry, torch.Tensor]] = []
+        self._rank = {g: i for i, g in enumerate(desc.groups())}
+        self._group_of = {t.name: t.group for t in desc.tensors()}
         self.rotations: dict[str, torch.Tensor] = {}  # last rotations chosen (for stats / tests), by symmetry
 
     def process(self, group: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,6 +56,4 @@ class StreamingRotator:
         return out
 
     def _later(self, tensor: str, group: str) -> bool:
-        order = self.desc.groups()
-        info = self.desc.tensor_map()[tensor]
-        return order.index(info.group) > order.index(group)
+        return self._rank[self._group_of[tensor]] > self._rank[group]
