@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401
     BBFError, ChecksumError, FormatError, ModelError, RangeNotSupportedError, TruncatedError,
-    UnknownCodecError, VerifyError, VersionError,
+    UnknownCodecError, VersionError,
 )
 from .models.arch import ModelDesc  # noqa: F401,E402
 from .container.reader import BBFReader, load, open  # noqa: F401,E402,A004

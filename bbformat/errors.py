@@ -37,6 +37,3 @@ class RangeNotSupportedError(BBFError):
 class ModelError(BBFError):
     """A checkpoint does not match the SliceGPT layout the header or its JSON describes."""
 
-
-class VerifyError(BBFError):
-    """A decoded weight is further than the threshold from the original."""

@@ -16,7 +16,6 @@ import torch
 
 import bbformat
 from bbformat.cli.inspect import render, summarize
-from bbformat.cli.main import write_bbf
 from bbformat.evaluate import perplexity, tokenize_text
 from bbformat.models.hf import load_hf, tokenizer_bytes
 from bbformat.models.loader import TOKENIZER_AUX, TOKENIZER_MEDIA_TYPE
@@ -66,9 +65,9 @@ def main() -> None:
     path = out / f"smollm2-135m-{int(args.sparsity * 100)}.{args.codec}.bbf"
     print(f"[3/5] writing {path} (codec {args.codec}, float16, tokenizer inside)")
     t0 = time.perf_counter()
-    write_bbf(str(path), desc, tensors, codec=args.codec, params={}, dtype="float16",
-              aux={TOKENIZER_AUX: (tokenizer_bytes(tokenizer), TOKENIZER_MEDIA_TYPE)},
-              metadata={"source": Path(args.model).name, "sparsity": str(args.sparsity)})
+    bbformat.save(tensors, str(path), model=desc, codec=args.codec, dtype="float16", progress=True,
+                  aux={TOKENIZER_AUX: (tokenizer_bytes(tokenizer), TOKENIZER_MEDIA_TYPE)},
+                  metadata={"source": Path(args.model).name, "sparsity": str(args.sparsity)})
     t_write = time.perf_counter() - t0
 
     print("[4/5] serving it over HTTP on 127.0.0.1 and loading it back from the URL")

@@ -14,7 +14,7 @@ import torch
 from .. import __version__
 from ..codecs import codec_ids, get_codec
 from ..container.reader import BBFReader
-from ..container.writer import BBFWriter
+from ..container.writer import save
 from ..errors import BBFError
 from ..words import WORD_DTYPES, dtype_name, words_to_f64
 from . import inspect as inspect_cmd
@@ -31,20 +31,6 @@ def _codec(args) -> tuple[str, dict]:
     return args.codec, params
 
 
-def write_bbf(out: str, desc, tensors: dict, *, codec: str, params: dict, dtype: str, aux: dict | None = None,
-              metadata: dict | None = None, storage_options: dict | None = None, progress: bool = True) -> None:
-    """Encode a whole model group by group with a progress bar (shared by encode and slice)."""
-    from tqdm.auto import tqdm
-
-    groups = desc.groups()
-    with BBFWriter(out, desc, codec=codec, codec_params=params, dtype=dtype, metadata=metadata,
-                   storage_options=storage_options) as w:
-        for group in tqdm(groups, desc=f"encode ({codec})", unit="group", disable=not progress):
-            w.write_group(group, {t.name: tensors[t.name] for t in desc.group_tensors(group)})
-        for name, (data, media) in (aux or {}).items():
-            w.add_aux(name, data, media)
-
-
 # ---- encode ----------------------------------------------------------------------------------------------
 def cmd_encode(args) -> int:
     from ..models.slicegpt_io import load_slicegpt
@@ -53,9 +39,8 @@ def cmd_encode(args) -> int:
     desc, tensors = load_slicegpt(args.input, args.slicing_json, args.config)
     dtype = args.dtype or dtype_name(next(iter(tensors.values())).dtype)
     t0 = time.perf_counter()
-    write_bbf(args.output, desc, tensors, codec=codec, params=params, dtype=dtype,
-              metadata={"source": Path(args.input).name}, storage_options=storage_options(args),
-              progress=not args.quiet)
+    save(tensors, args.output, model=desc, codec=codec, codec_params=params, dtype=dtype,
+         metadata={"source": Path(args.input).name}, storage_options=storage_options(args), progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {args.output} ({codec}, {dtype}) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -146,9 +131,9 @@ def cmd_slice(args) -> int:
         codec, params = _codec(args)
         meta = {"source": str(args.model), "sparsity": str(args.sparsity), "calibration":
                 f"{Path(args.calib).name} tokens {start}..{start + n}"}
-        write_bbf(args.output, desc, tensors, codec=codec, params=params, dtype=dtype, metadata=meta,
-                  aux={TOKENIZER_AUX: (tokenizer_bytes(tokenizer), TOKENIZER_MEDIA_TYPE)},
-                  storage_options=storage_options(args), progress=not args.quiet)
+        save(tensors, args.output, model=desc, codec=codec, codec_params=params, dtype=dtype, metadata=meta,
+             aux={TOKENIZER_AUX: (tokenizer_bytes(tokenizer), TOKENIZER_MEDIA_TYPE)},
+             storage_options=storage_options(args), progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {args.output}: {desc.num_params():,} parameters after slicing at {args.sparsity:.0%}")
     return 0

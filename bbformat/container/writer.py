@@ -19,7 +19,7 @@ from ..codecs import entropy, get_codec
 from ..codecs.base import Codec, EncodedGroup, SectionData
 from ..errors import BBFError, ModelError
 from ..models.arch import ModelDesc
-from ..words import check_dtype
+from ..words import check_dtype, dtype_name
 from .header import build_header
 from .layout import Footer, SectionRecord, align, crc32, pack_preamble
 from .store import AtomicSink
@@ -137,21 +137,20 @@ class BBFWriter:
 
 
 def save(tensors: dict[str, torch.Tensor], url: str, model: ModelDesc, *, codec: str | Codec = "raw",
-         dtype: str | None = None, aux: dict[str, bytes] | None = None, progress: bool = False,
-         **writer_kwargs: Any) -> None:
+         dtype: str | None = None, aux: dict[str, bytes | tuple[bytes, str]] | None = None,
+         progress: bool = False, **writer_kwargs: Any) -> None:
     """Write a whole SliceGPT-form state dict to `url` (any fsspec URL) in one call.
 
-    `dtype` defaults to the tensors' own dtype (float16, bfloat16 or float32).
+    `dtype` defaults to the tensors' own dtype (float16, bfloat16 or float32); `aux` maps names to bytes or to
+    (bytes, media type); `writer_kwargs` go to BBFWriter (codec_params, metadata, storage_options, ...).
     """
-    from ..words import dtype_name  # local: keeps the import graph flat
-
     if dtype is None:
         dtype = dtype_name(next(iter(tensors.values())).dtype)
     extra = set(tensors) - {t.name for t in model.tensors()}
     if extra:
         raise ModelError(f"tensor {sorted(extra)[0]!r} is not part of the model description")
     groups = model.groups()
-    bar = _progress(len(groups), progress, "encode")
+    bar = _progress(len(groups), progress, f"encode ({codec if isinstance(codec, str) else codec.id})")
     with BBFWriter(url, model, codec=codec, dtype=dtype, **writer_kwargs) as w:
         for group in groups:
             names = [t.name for t in model.group_tensors(group)]
@@ -161,7 +160,7 @@ def save(tensors: dict[str, torch.Tensor], url: str, model: ModelDesc, *, codec:
             w.write_group(group, {n: tensors[n] for n in names})
             bar.update(1)
         for name, data in (aux or {}).items():
-            w.add_aux(name, data)
+            w.add_aux(name, *(data if isinstance(data, tuple) else (data,)))
     bar.close()
 
 
