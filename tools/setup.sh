@@ -8,7 +8,7 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-stamp=".venv/.bbformat-setup-$(cat pyproject.toml tools/setup.sh | sha1sum | cut -c1-12)"
+stamp=".venv/.bbformat-setup-$(cat pyproject.toml tools/setup.sh bbformat/*.c | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
     .venv/bin/python -m pip install -q -e ".[test,models,remote]" "torch==${TORCH_VERSION}"

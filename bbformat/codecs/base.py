@@ -66,9 +66,18 @@ class GroupEncoder:
 
 
 class GroupDecoder:
+    desc: ModelDesc
+
     def decode(self, group: str, sections: dict[str, bytes]) -> np.ndarray:  # pragma: no cover
         """Raw section payloads by kind -> the group's decoded word sequence."""
         raise NotImplementedError
+
+    def decode_tensors(self, group: str, sections: dict[str, bytes]) -> dict[str, np.ndarray]:
+        """Raw section payloads by kind -> name -> the tensor's words, in its shape (the reader's entry point).
+
+        The default splits `decode`'s sequence; a codec may override it to hand out views of the payload instead
+        of copying it into one sequence first."""
+        return split_group(self.desc, group, self.decode(group, sections))
 
 
 class Codec:

@@ -6,16 +6,18 @@ method 1 ("planes") is the format below (normative layout in SPEC.md, "Entropy s
 How method 1 models a section of float words:
 - Each word is rotated left by one bit, so the top byte is the exponent (bfloat16, float32) or the exponent and
   3 mantissa bits (float16), and the sign joins the low mantissa byte. Byte k of the rotated words forms plane k.
-- The top (exponent) plane is coded per *piece*: a 2-D tensor of the section (its `Segment`) or a run of 1-D words
-  between them. Each piece subtracts a base exponent per row, per column or one for all, whichever codes
-  smallest, so rows or columns of very different scale (SliceGPT's PCA-ordered columns) share one residual
-  distribution.
-- bfloat16/float32 exponents carry ~2.6 bits, where zstd's Huffman loses a lot and its match finder hurts. So their
-  residuals are packed two per byte as nibbles (15 = escape, full byte in an escape stream): the packed bytes
+- The top (exponent) bytes are coded per *piece* (a 2-D tensor of the section, or a run of other words) and per
+  *line* (a row or a column of the piece, whichever codes smaller). Each line subtracts its own base exponent, so
+  lines of very different scales (SliceGPT's PCA-ordered rows and columns) share one residual distribution; and
+  lines are grouped into a few classes of similar distributions, each class its own zstd stream (so its own
+  Huffman table): modelling the exponent per column this way saves ~3% of the exponent bits over one table.
+- bfloat16/float32 residuals carry ~2.6 bits, where zstd's Huffman loses a lot and its match finder hurts. So they
+  are packed two per byte as nibbles (15 = escape: the word's top byte is in the escape stream): the packed bytes
   carry ~5.2 bits, where Huffman is nearly exact. float16 top bytes (~5.5 bits) are coded as bytes.
 - The other planes (sign and mantissa) are near-random: zstd keeps a chunk only where it is smaller.
-- Every stream is cut into chunks, each its own zstd frame (or stored), so decoding runs on all cores: zstd and
-  the large numpy operations release the GIL.
+- Every stream is cut into chunks, each its own zstd frame (or stored). A large section decodes on all cores.
+- The two inner loops (symbols -> top bytes, top bytes + planes -> words) are compiled (`bbformat/_kernels.c`),
+  with a numpy reference in `bbformat/kernels.py`.
 Word size 1 (an opaque payload) is one byte stream, chunked the same way.
 """
 
@@ -30,23 +32,28 @@ from typing import Sequence
 import numpy as np
 import zstandard as zstd
 
+from .. import kernels
 from ..errors import BBFError, FormatError
 from .base import Segment
 
 METHOD_NONE = 0
 METHOD_PLANES = 1
 
-VERSION = 1
+VERSION = 2
 FLAG_NIBBLES = 1  # the exponent residuals are packed two per byte, with an escape stream
-CHUNK_LOG2 = 19  # 512 KiB of stream bytes per chunk: enough chunks for 2+ cores on a block-sized section
+CHUNK_LOG2 = 19  # 512 KiB of stream bytes per chunk: enough chunks for 2+ cores on a large section
 MIN_CHUNK_LOG2, MAX_CHUNK_LOG2 = 12, 26
-ESCAPE = 15
+ESCAPE = kernels.ESCAPE
 NIBBLE_WINDOW = 15  # residuals 0..14 fit a nibble
-MIN_SEARCH_WORDS = 4096  # smaller pieces are not worth trying per-row/per-column bases
-_TRIAL_WORDS = 1 << 18  # words of a piece the base-mode trial compresses
-_BASE_SAMPLE = 2048  # words of a row or column its base is estimated from
+MAX_CLASSES = 16  # line classes (symbol streams) per piece, a format limit
+CLASS_CHOICES = (2, 4, 8)  # class counts the encoder tries (besides 1)
+MIN_LINES_PER_CLASS = 16
+ALIGNMENTS = (9, 10, 11, 12)  # base = modal exponent - alignment: exponents run far below the mode, not above
+STREAM_OVERHEAD = 48  # bytes a symbol stream costs beyond its entropy (zstd frame, Huffman table), for planning
+MIN_SEARCH_WORDS = 4096  # smaller 2-D segments are coded as runs of words
+_BASE_SAMPLE = 2048  # words of a line its base and histogram are estimated from
 MAX_ESCAPE_FRACTION = 1 / 16  # more escapes than this: nibbles lose, code the exponent bytes instead
-_PARALLEL_BYTES = 1 << 20  # below this a section decodes on the calling thread
+_PARALLEL_BYTES = 1 << 24  # smaller sections decode on the calling thread (the reader runs groups in parallel)
 
 _DTYPE_WORD_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
@@ -74,7 +81,7 @@ def compress(payload: bytes, word_size: int, segments: Sequence[Segment], dtype:
     return METHOD_PLANES, stored
 
 
-def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: str) -> bytes | bytearray:
+def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: str) -> bytes | np.ndarray:
     """Undo `compress`. Never allocates more than `raw_len` (plus bounded bookkeeping); FormatError on bad data."""
     _check_kind(word_size, dtype, FormatError)
     if raw_len < 0 or raw_len % word_size:
@@ -298,34 +305,51 @@ def _check_total(stored: memoryview, header_len: int, data_len: int) -> None:
 
 @dataclass
 class _Piece:
-    """A run of words coded as a rows x cols grid (row-major), with a base exponent per row or per column."""
+    """A run of words coded as a rows x cols grid (row-major in the payload), cut into *lines* (its rows, or its
+    columns when `by_cols`). Each line has a base exponent and a class; each class is one symbol stream."""
 
     offset: int  # in words
     rows: int
     cols: int
-    per_col: bool = False
+    by_cols: bool = False
+    n_classes: int = 1
+    escapes: tuple = (0,)  # escapes per class stream
 
     @property
     def size(self) -> int:
         return self.rows * self.cols
 
     @property
-    def n_bases(self) -> int:
-        return self.cols if self.per_col else self.rows
+    def n_lines(self) -> int:
+        return self.cols if self.by_cols else self.rows
+
+    @property
+    def line_len(self) -> int:
+        return self.rows if self.by_cols else self.cols
 
 
 def _pieces(n: int, segments: Sequence[Segment]) -> list[_Piece]:
-    """Tile [0, n) with the 2-D segments and 1-row pieces for the words between them."""
+    """Tile [0, n) with the large 2-D segments and 1-row pieces for everything else (merged when adjacent)."""
     pieces, pos = [], 0
+
+    def run(a: int, b: int) -> None:
+        if b <= a:
+            return
+        if pieces and pieces[-1].rows == 1 and pieces[-1].offset + pieces[-1].cols == a:
+            pieces[-1].cols += b - a
+        else:
+            pieces.append(_Piece(a, 1, b - a))
+
     for s in sorted((s for s in segments if s.rows and s.cols), key=lambda s: s.offset):
         if s.rows < 0 or s.cols < 0 or s.offset < pos or s.offset + s.rows * s.cols > n:
             raise BBFError(f"segment {s} overlaps another or lies outside the {n}-word payload")
-        if s.offset > pos:
-            pieces.append(_Piece(pos, 1, s.offset - pos))
-        pieces.append(_Piece(s.offset, s.rows, s.cols))
+        run(pos, s.offset)
+        if s.rows > 1 and s.rows * s.cols >= MIN_SEARCH_WORDS:
+            pieces.append(_Piece(s.offset, s.rows, s.cols))
+        else:
+            run(s.offset, s.offset + s.rows * s.cols)
         pos = s.offset + s.rows * s.cols
-    if pos < n:
-        pieces.append(_Piece(pos, 1, n - pos))
+    run(pos, n)
     return pieces
 
 
@@ -334,148 +358,160 @@ def _exp_shift(dtype: str) -> int:
     return 3 if dtype == "float16" else 0
 
 
-def _line_bases(top: np.ndarray, shift: int, nibbles: bool) -> np.ndarray:
-    """Per row of `top`, the base exponent: start of the densest 15-wide window (nibbles), else the mode."""
-    k = 256 >> shift
-    bases = np.empty(top.shape[0], np.uint8)
-    step = max(1, min((1 << 22) // k, (1 << 22) // max(1, top.shape[1])))
-    for a in range(0, top.shape[0], step):
-        blk = top[a:a + step] >> np.uint8(shift)
-        m = blk.shape[0]
-        counts = np.bincount((np.arange(m, dtype=np.int64)[:, None] * k + blk).ravel(), minlength=m * k)
-        counts = counts.reshape(m, k)
-        if nibbles:
-            wrapped = np.cumsum(np.concatenate([counts, counts[:, :NIBBLE_WINDOW - 1]], axis=1), axis=1)
-            c = np.concatenate([np.zeros((m, 1), np.int64), wrapped], axis=1)
-            bases[a:a + m] = (c[:, NIBBLE_WINDOW:NIBBLE_WINDOW + k] - c[:, :k]).argmax(axis=1)
-        else:
-            bases[a:a + m] = counts.argmax(axis=1)
-    return bases
+def _symbol_hist(lines: np.ndarray, shift: int, nibbles: bool, align: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per line (sampled): (base exponent, histogram of its symbols: 16 nibbles, or 256 bytes).
+
+    The base is the line's modal exponent minus `align`, so lines of different scales line up in one table."""
+    samp = lines[:, ::-(-lines.shape[1] // _BASE_SAMPLE)]
+    m = samp.shape[0]
+    counts = np.empty((m, 256), np.int32)
+    step = max(1, (1 << 22) // (256 + samp.shape[1]))
+    for a in range(0, m, step):
+        blk = samp[a:a + step]
+        idx = (np.arange(blk.shape[0], dtype=np.int64)[:, None] * 256 + blk).ravel()
+        counts[a:a + blk.shape[0]] = np.bincount(idx, minlength=blk.shape[0] * 256).reshape(-1, 256)
+    exp_counts = counts.reshape(m, 256 >> shift, 1 << shift).sum(2) if shift else counts
+    base = (exp_counts.argmax(1) - align) & (255 >> shift)
+    width = NIBBLE_WINDOW if nibbles else 256
+    idx = ((base << shift)[:, None] + np.arange(width)[None, :]) & 255
+    hist = np.take_along_axis(counts, idx, 1).astype(np.float64)
+    if nibbles:  # everything outside the window is an escape
+        hist = np.concatenate([hist, (counts.sum(1) - hist.sum(1))[:, None]], 1)
+    return base.astype(np.uint8), hist * (lines.shape[1] / samp.shape[1])
 
 
-def _residuals(grid: np.ndarray, bases: np.ndarray, per_col: bool, shift: int) -> np.ndarray:
-    b = bases << np.uint8(shift)
-    return grid - (b[None, :] if per_col else b[:, None])
+def _bits(hist: np.ndarray) -> float:
+    """Order-0 code length (bits) of the symbols counted in `hist` (summed over its rows)."""
+    h = hist.sum(0) if hist.ndim == 2 else hist
+    h = h[h > 0]
+    return float(-(h * np.log2(h / h.sum())).sum())
 
 
-def _pack(res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Residual bytes -> (nibble-packed bytes, escape stream: u32 LE position deltas then the escaped bytes)."""
-    res = res.ravel()
-    esc = res >= ESCAPE
-    nib = np.where(esc, np.uint8(ESCAPE), res)
-    if nib.size & 1:
-        nib = np.append(nib, np.uint8(0))
-    pos = np.flatnonzero(esc)
-    deltas = np.diff(pos, prepend=0).astype("<u4")
-    return nib[0::2] | (nib[1::2] << np.uint8(4)), np.concatenate([deltas.view(np.uint8), res[pos]])
+def _cluster(hist: np.ndarray, k: int, iters: int = 10) -> np.ndarray:
+    """Group lines into k classes with similar symbol distributions (k-means under code length), deterministic."""
+    n = hist.shape[0]
+    p = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+    ent = -(p * np.log2(np.where(p > 0, p, 1))).sum(1)
+    labels = np.empty(n, np.int64)
+    labels[np.argsort(ent, kind="stable")] = np.arange(n) * k // n  # start from entropy quantiles
+    for _ in range(iters):
+        tables = np.stack([hist[labels == c].sum(0) for c in range(k)]) + 0.5
+        cost = -hist @ np.log2(tables / tables.sum(1, keepdims=True)).T
+        new = cost.argmin(1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return labels
 
 
-def _coded_size(res: np.ndarray, bases: np.ndarray, nibbles: bool, cctx: zstd.ZstdCompressor) -> int:
-    streams = _pack(res) if nibbles else (np.ascontiguousarray(res),)
-    return sum(len(cctx.compress(s)) for s in streams) + len(cctx.compress(bases))
+def _plan(grid: np.ndarray, piece: _Piece, shift: int, nibbles: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """Choose the piece's line direction, base alignment and line classes by estimated code length.
 
-
-def _choose(grid: np.ndarray, piece: _Piece, shift: int, nibbles: bool, cctx: zstd.ZstdCompressor) -> np.ndarray:
-    """Set the piece's base mode to whichever codes smallest: one base, a base per row, a base per column.
-
-    The trial runs on a sample of rows (about _TRIAL_WORDS), the bases on up to _BASE_SAMPLE words per row or
-    column. Returns the bases. (Column-major order, so that zstd's per-block tables follow the columns, saved
-    another 0.1-0.4% on PCA-ordered tensors, but numpy's transposed copy made decoding ~3x slower: not used.)"""
-    one = _line_bases(_sample(grid.reshape(1, -1), _TRIAL_WORDS), shift, nibbles)
-    if piece.size < MIN_SEARCH_WORDS or piece.rows == 1:
-        return np.repeat(one, piece.rows)
-    rows = grid[::-(-piece.rows * piece.cols // _TRIAL_WORDS)]
+    Sets piece.by_cols / n_classes; returns (bases, classes, estimated bits)."""
     best = None
-    for per_col in (None, False, True):
-        if per_col is None:
-            bases = np.repeat(one, rows.shape[0])
-        else:
-            bases = _line_bases(_col_sample(rows) if per_col else _sample(rows, _BASE_SAMPLE), shift, nibbles)
-        size = _coded_size(_residuals(rows, bases, bool(per_col), shift), bases, nibbles, cctx)
-        if best is None or size < best[0]:
-            best = (size, per_col)
-    piece.per_col = bool(best[1])
-    if best[1] is None:
-        return np.repeat(one, piece.rows)
-    if piece.per_col:
-        return _line_bases(_col_sample(grid), shift, nibbles)
-    return _line_bases(_sample(grid, _BASE_SAMPLE), shift, nibbles)
-
-
-def _sample(lines: np.ndarray, limit: int) -> np.ndarray:
-    """At most about `limit` evenly spaced elements of each line."""
-    return lines[:, ::-(-lines.shape[1] // limit)]
-
-
-def _col_sample(grid: np.ndarray) -> np.ndarray:
-    """The columns of `grid` as lines, each sampled to about _BASE_SAMPLE elements."""
-    return np.ascontiguousarray(grid[::-(-grid.shape[0] // _BASE_SAMPLE)].T)
+    for by_cols in ((False, True) if piece.rows > 1 else (False,)):
+        lines = grid.T if by_cols else grid
+        n_lines = lines.shape[0]
+        for align in (ALIGNMENTS if nibbles else (0,)):
+            bases, hist = _symbol_hist(lines, shift, nibbles, align)
+            escapes = float(hist[:, -1].sum()) if nibbles else 0.0
+            for k in sorted({1} | {c for c in CLASS_CHOICES if c <= n_lines // MIN_LINES_PER_CLASS}):
+                labels = _cluster(hist, k) if k > 1 else np.zeros(n_lines, np.int64)
+                bits = sum(_bits(hist[labels == c]) for c in range(k))
+                bits += 8 * (escapes + k * STREAM_OVERHEAD + n_lines)
+                if best is None or bits < best[0]:
+                    best = (bits, by_cols, bases, labels, k)
+    bits, piece.by_cols, bases, labels, piece.n_classes = best
+    return bases, labels.astype(np.uint8), bits
 
 
 def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, level: int) -> bytes:
     n, ws = words.size, words.dtype.itemsize
     shift = _exp_shift(dtype)
-    bits = ws * 8
-    rot = (words << words.dtype.type(1)) | (words >> words.dtype.type(bits - 1))
-    top = rot.view(np.uint8).reshape(n, ws)[:, ws - 1]  # little-endian: the last byte is the top one
-    pieces = _pieces(n, segments)
-    sym_params = _symbol_params(level)
-    cctx = _cctx(sym_params)
-
-    def model(nibbles: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-        res, bases = np.empty(n, np.uint8), []
-        for p in pieces:
-            g = top[p.offset:p.offset + p.size].reshape(p.rows, p.cols)
-            b = _choose(g, p, shift, nibbles, cctx)
-            res[p.offset:p.offset + p.size] = _residuals(g, b, p.per_col, shift).ravel()
-            bases.append(b)
-        return res, bases
-
-    nibbles = shift == 0 and n < 1 << 32
-    res, bases = model(nibbles)
-    if nibbles and np.count_nonzero(res >= ESCAPE) > n * MAX_ESCAPE_FRACTION:
-        nibbles = False
-        res, bases = model(False)
-
+    rot = (words << words.dtype.type(1)) | (words >> words.dtype.type(8 * ws - 1))
     planes = rot.view(np.uint8).reshape(n, ws)
+    top = planes[:, ws - 1]  # little-endian: the last byte is the top one
+
+    def model(nibbles: bool) -> tuple[list, list, int]:
+        plans, coded, n_esc = [], [], 0
+        for p in _pieces(n, segments):
+            grid = top[p.offset:p.offset + p.size].reshape(p.rows, p.cols)
+            bases, classes, _ = _plan(grid, p, shift, nibbles)
+            lines = np.ascontiguousarray(grid.T if p.by_cols else grid)
+            res = lines - (bases << np.uint8(shift))[:, None]
+            streams, escapes = [], []
+            for c in range(p.n_classes):
+                sel = classes == c
+                r = res[sel].reshape(-1)
+                if nibbles:
+                    esc = r >= ESCAPE
+                    escapes.append(lines[sel].reshape(-1)[esc])
+                    r = np.where(esc, np.uint8(ESCAPE), r)
+                    if r.size & 1:
+                        r = np.append(r, np.uint8(0))
+                    r = r[0::2] | (r[1::2] << np.uint8(4))
+                else:
+                    escapes.append(np.zeros(0, np.uint8))
+                streams.append(r)
+            p.escapes = tuple(e.size for e in escapes)
+            n_esc += sum(p.escapes)
+            plans.append(p)
+            coded.append((bases, classes, streams, escapes))
+        return plans, coded, n_esc
+
+    nibbles = shift == 0
+    pieces, coded, n_esc = model(nibbles)
+    if nibbles and n_esc > n * MAX_ESCAPE_FRACTION:  # exponents too spread for a nibble window: code bytes
+        nibbles = False
+        pieces, coded, n_esc = model(False)
 
     head = bytearray([VERSION, FLAG_NIBBLES if nibbles else 0, CHUNK_LOG2])
     _put_varint(head, len(pieces))
     for p in pieces:
         _put_varint(head, p.rows)
         _put_varint(head, p.cols)
-        head.append(int(p.per_col))
+        head += bytes([int(p.by_cols), p.n_classes])
+        for e in p.escapes:
+            _put_varint(head, e)
     parts: list = []
     chunk = 1 << CHUNK_LOG2
-    _encode_stream(head, parts, np.concatenate(bases), sym_params, chunk)
-    for s in (_pack(res) if nibbles else (res,)):
-        _encode_stream(head, parts, s, sym_params, chunk)
+    sym_params = _symbol_params(level)
+    _encode_stream(head, parts, np.concatenate([c[0] for c in coded]), sym_params, chunk)
+    _encode_stream(head, parts, np.concatenate([c[1] for c in coded]), sym_params, chunk)
+    for c in coded:
+        for s in c[2]:
+            _encode_stream(head, parts, s, sym_params, chunk)
+    _encode_stream(head, parts, np.concatenate([e for c in coded for e in c[3]] or [np.zeros(0, np.uint8)]),
+                   sym_params, chunk)
     byte_params = _byte_params(level)
     for k in range(ws - 1):
         _encode_stream(head, parts, np.ascontiguousarray(planes[:, k]), byte_params, chunk)
     return bytes(head) + b"".join(parts)
 
 
-_TILE = 1 << 18  # words per decode tile: its planes and words stay in L2
-
-
-def _decode_words(stored: memoryview, n: int, ws: int, dtype: str) -> bytearray:
+def _decode_words(stored: memoryview, n: int, ws: int, dtype: str) -> np.ndarray:
     r, chunk = _read_prefix(stored, allowed_flags=FLAG_NIBBLES)
     nibbles = bool(stored[1] & FLAG_NIBBLES)
     shift = _exp_shift(dtype)
 
     n_pieces = r.varint(n, "piece count")
-    pieces, pos, n_bases = [], 0, 0
+    pieces, pos, n_lines, n_esc = [], 0, 0, 0
     for _ in range(n_pieces):
         rows, cols = r.varint(n, "piece rows"), r.varint(n, "piece cols")
-        mode = r.byte()
-        if mode > 1 or rows == 0 or cols == 0 or rows * cols > n - pos:
-            raise FormatError(f"entropy header: bad piece {rows}x{cols} (mode {mode}) at word {pos} of {n}")
-        pieces.append(_Piece(pos, rows, cols, bool(mode)))
-        pos += rows * cols
-        n_bases += pieces[-1].n_bases
+        by_cols, k = r.byte(), r.byte()
+        if by_cols > 1 or not 1 <= k <= MAX_CLASSES or rows == 0 or cols == 0 or rows * cols > n - pos:
+            raise FormatError(f"entropy header: bad piece {rows}x{cols} (lines {by_cols}, {k} classes) at word "
+                              f"{pos} of {n}")
+        p = _Piece(pos, rows, cols, bool(by_cols), k)
+        p.escapes = tuple(r.varint(p.size, "escape count") for _ in range(k))
+        pieces.append(p)
+        pos += p.size
+        n_lines += p.n_lines
+        n_esc += sum(p.escapes)
     if pos != n:
         raise FormatError(f"entropy header: pieces cover {pos} words, the section has {n}")
+    if n_esc and not nibbles:
+        raise FormatError("entropy header: escapes in a section without nibbles")
 
     dpos = [0]
 
@@ -485,109 +521,64 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str) -> bytearray:
             raise FormatError(f"{what} holds {ref.raw_len} bytes, expected {limit}")
         return ref
 
-    base_ref = stream(n_bases, "base stream")
-    sym_ref = stream((n + 1) // 2 if nibbles else n, "exponent stream")
-    esc_ref = stream(5 * n, "escape stream", exact=False) if nibbles else None
+    base_ref, class_ref = stream(n_lines, "base stream"), stream(n_lines, "class stream")
+    sym_refs = [[stream((p.size + 1) // 2 if nibbles else p.size, "symbol stream", exact=False)
+                 for _ in range(p.n_classes)] for p in pieces]
+    esc_ref = stream(n_esc, "escape stream")
     plane_refs = [stream(n, f"plane {k}") for k in range(ws - 1)]
     _check_total(stored, r.pos, dpos[0])
     data0 = r.pos
     parallel = n * ws >= _PARALLEL_BYTES
 
-    # Phase 1 puts each word's top byte in place (unpacking the nibbles); phase 2 adds the bases, ORs the low
-    # planes in and rotates back, tile by tile. Chunks and tiles run on all cores (zstd and numpy release the GIL).
-    out_buf = bytearray(n * ws)
-    out = np.frombuffer(out_buf, _WORD[ws])
+    # 1. zstd: every stream's chunks (on all cores for a large section); stored chunks are views, not copies
     tasks: list = []
     bases = _stream_array(stored, data0, base_ref, tasks, "base stream")
+    classes = _stream_array(stored, data0, class_ref, tasks, "class stream")
+    syms = [[_stream_array(stored, data0, ref, tasks, "symbol stream") for ref in refs] for refs in sym_refs]
+    esc = _stream_array(stored, data0, esc_ref, tasks, "escape stream")
     lo = [_stream_array(stored, data0, ref, tasks, f"plane {k}") for k, ref in enumerate(plane_refs)]
-    if nibbles:
-        esc = _stream_array(stored, data0, esc_ref, tasks, "escape stream")
-        tasks.extend((lambda c=c: _unpack_chunk(stored, data0, c, out)) for c in sym_ref.chunks)
-    else:
-        tasks.extend((lambda c=c: _top_chunk(stored, data0, c, out)) for c in sym_ref.chunks)
     _run(tasks, parallel)
-    if nibbles:
-        _patch_escapes(out, esc)
 
-    tasks, b0 = [], 0
-    for p in pieces:
-        tasks.extend((lambda p=p, t=t, b0=b0: _finish_tile(p, t, out, lo, bases[b0:b0 + p.n_bases], shift))
-                     for t in _tiles(p))
-        b0 += p.n_bases
-    _run(tasks, parallel)
-    return out_buf
-
-
-def _tiles(p: _Piece) -> list[tuple[int, int, int, int]]:
-    """Split a piece into (row0, row1, col0, col1) tiles of about _TILE words: whole rows unless rows are long."""
-    nw = min(p.cols, _TILE)
-    nl = max(1, _TILE // nw)
-    return [(a, min(p.rows, a + nl), c, min(p.cols, c + nw))
-            for a in range(0, p.rows, nl) for c in range(0, p.cols, nw)]
-
-
-def _unpack_chunk(stored: memoryview, data0: int, c: tuple, out: np.ndarray) -> None:
-    """Nibble-packed residuals -> the top byte of their two words (pairs handled as one double-width word)."""
-    packed = _chunk_bytes(stored, data0, c, "exponent stream")
-    ws, n = out.dtype.itemsize, len(out)
-    top_shift = 8 * ws - 8
-    pairs = min(c[1], n // 2 - c[0])  # the last byte of an odd section holds one word
-    wide = np.dtype(f"<u{2 * ws}")
-    dst = out[2 * c[0]: 2 * (c[0] + pairs)].view(wide)
-    np.copyto(dst, packed[:pairs], casting="unsafe")
-    # One multiply puts the byte at both words' top bytes (the copies do not overlap); the mask keeps the low
-    # nibble in the first word and the high nibble in the second.
-    dst *= wide.type((1 << top_shift) | (1 << (top_shift + 8 * ws - 4)))
-    dst &= wide.type((15 << top_shift) | (15 << (top_shift + 8 * ws)))
-    if pairs < c[1]:
-        out[n - 1] = out.dtype.type(packed[pairs] & 15) << out.dtype.type(top_shift)
+    # 2. each class stream -> the top bytes of its lines; 3. top bytes + low planes -> words, in row bands
+    out = np.empty(n, _WORD[ws])  # every word is written below: no need to zero it
+    tops = _scratch(n)
+    unpacks, bands, line0, esc0 = [], [], 0, 0
+    for p, streams in zip(pieces, syms):
+        cls, bs = classes[line0:line0 + p.n_lines], bases[line0:line0 + p.n_lines]
+        if cls.max() >= p.n_classes:
+            raise FormatError(f"piece at word {p.offset}: a line class is >= its {p.n_classes} classes")
+        top = tops[p.offset:p.offset + p.size]
+        for c, s in enumerate(streams):
+            e = esc[esc0:esc0 + p.escapes[c]]
+            unpacks.append(lambda top=top, p=p, cls=cls, bs=bs, c=c, s=s, e=e: _unpack(top, p, cls, bs, shift,
+                                                                                      nibbles, c, s, e))
+            esc0 += p.escapes[c]
+        step = max(1, _TILE // p.cols)
+        bands += [(lambda top=top, p=p, a=a, b=min(p.rows, a + step):
+                   kernels.assemble(out, top, lo, p.offset, p.rows, p.cols, p.by_cols, ws, a, b))
+                  for a in range(0, p.rows, step)]
+        line0 += p.n_lines
+    _run(unpacks, parallel)
+    _run(bands, parallel)
+    return out.view(np.uint8)
 
 
-def _top_chunk(stored: memoryview, data0: int, c: tuple, out: np.ndarray) -> None:
-    top = _chunk_bytes(stored, data0, c, "exponent stream")
-    np.left_shift(top, 8 * out.dtype.itemsize - 8, out=out[c[0]:c[0] + c[1]], dtype=out.dtype, casting="unsafe")
-
-
-def _patch_escapes(out: np.ndarray, esc: np.ndarray) -> None:
-    """Write the escaped residuals at their positions (u32 LE deltas, then the bytes)."""
-    if len(esc) % 5:
-        raise FormatError(f"escape stream of {len(esc)} bytes is not a whole number of 5-byte escapes")
-    k = len(esc) // 5
-    if not k:
-        return
-    deltas = esc[:4 * k].view("<u4").astype(np.int64)
-    if k > 1 and not deltas[1:].all():
-        raise FormatError("escape positions are not strictly increasing")
-    pos = np.cumsum(deltas)
-    if pos[-1] >= len(out):
-        raise FormatError(f"escape position {pos[-1]} lies outside the {len(out)}-word section")
-    out[pos] = esc[4 * k:].astype(out.dtype) << out.dtype.type(8 * out.dtype.itemsize - 8)
-
-
-def _finish_tile(p: _Piece, tile: tuple, out: np.ndarray, lo: list, bases: np.ndarray, shift: int) -> None:
-    """Top part + base, OR the low planes, rotate right one bit (undoing the encoder's rotation)."""
-    a, b, c, d = tile
-    ws = out.dtype.itemsize
-    word = out.dtype.type
-
-    def grid(x: np.ndarray) -> np.ndarray:
-        return x[p.offset:p.offset + p.size].reshape(p.rows, p.cols)[a:b, c:d]
-
-    base = (bases[c:d][None, :] if p.per_col else bases[a:b, None]).astype(out.dtype)
-    base <<= word(8 * ws - 8 + shift)
-    w = grid(out)
-    w += base
-    for k, plane in enumerate(lo):
-        low = grid(plane)
-        w |= (low.astype(out.dtype) << word(8 * k)) if k else low
-    t = _scratch(w.size, out.dtype).reshape(w.shape)  # reused: a fresh temporary costs page faults
-    np.right_shift(w, word(1), out=t)
-    w <<= word(8 * ws - 1)
-    w |= t
-
-
-def _scratch(size: int, dtype: np.dtype) -> np.ndarray:
+def _scratch(n: int) -> np.ndarray:
+    """A per-thread buffer for a section's top bytes, reused: fresh memory costs a page fault per 4 KiB."""
     buf = getattr(_tls, "scratch", None)
-    if buf is None or buf.nbytes < size * dtype.itemsize:
-        buf = _tls.scratch = np.empty(max(size * dtype.itemsize, _TILE * 4), np.uint8)
-    return buf[:size * dtype.itemsize].view(dtype)
+    if buf is None or buf.size < n:
+        buf = _tls.scratch = np.empty(max(n, 1 << 20), np.uint8)
+    return buf[:n]
+
+
+_TILE = 1 << 18  # words per assembly task
+
+
+def _unpack(top, p: _Piece, classes, bases, shift: int, nibbles: bool, c: int, stream, escapes) -> None:
+    try:
+        used = kernels.unpack(top, p.line_len, classes, bases, shift, nibbles, c, stream, escapes)
+    except ValueError as e:
+        raise FormatError(f"piece at word {p.offset}, class {c}: {e}") from None
+    if used != len(escapes):
+        raise FormatError(f"piece at word {p.offset}, class {c}: {used} escapes used, the header declares "
+                          f"{len(escapes)}")

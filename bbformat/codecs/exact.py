@@ -226,9 +226,23 @@ class _ExactDecoder(GroupDecoder):
     def __init__(self, codec: "ExactCodec", desc: ModelDesc, dtype: str):
         self.codec, self.desc, self.dtype = codec, desc, dtype
         self.by_tensor = {c.tensor: c for c in carriers(desc).values()}
+        self._layouts: dict[str, tuple[_Layout, dict]] = {}
+
+    def _layout(self, group: str) -> tuple[_Layout, dict]:
+        """The group's layout and its carriers' triangle indices, computed once."""
+        if group not in self._layouts:
+            layout = _Layout(self.desc, group, self.by_tensor)
+            self._layouts[group] = layout, {n: c.triangle_index() for n, c in layout.carriers.items()}
+        return self._layouts[group]
 
     def decode(self, group: str, sections: dict[str, bytes]) -> np.ndarray:
-        layout = _Layout(self.desc, group, self.by_tensor)
+        tensors = self.decode_tensors(group, sections)
+        parts = [tensors[t.name].reshape(-1) for t in self._layout(group)[0].tensors]
+        return np.concatenate(parts) if parts else np.zeros(0, word_np_dtype(self.dtype))
+
+    def decode_tensors(self, group: str, sections: dict[str, bytes]) -> dict[str, np.ndarray]:
+        """Every tensor but a carrier is a view of the payload; a carrier gets its structural zeros back."""
+        layout, triangles = self._layout(group)
         kind = self.codec.sections_for(group)[0]
         wd = word_np_dtype(self.dtype)
         data = sections.get(kind)
@@ -237,28 +251,26 @@ class _ExactDecoder(GroupDecoder):
         if len(data) != layout.payload_words * wd.itemsize:
             raise FormatError(f"group {group}: {kind} section has {len(data)} bytes, expected "
                               f"{layout.payload_words * wd.itemsize}")
-        if any(sections.get(k) for k in self.codec.sections_for(group)[1:]):
+        if any(len(sections.get(k) or b"") for k in self.codec.sections_for(group)[1:]):
             raise FormatError(f"group {group}: codec 'exact' has no corrections, but the correction section "
                               f"is not empty")
         payload = np.frombuffer(data, dtype=wd)
-        if not layout.carriers:  # nothing to re-insert: the payload is the decoded sequence (no copy)
-            return payload
-        out = np.zeros(layout.numel, dtype=wd)  # structural zeros are the zero word
-        src = dst = 0
+        out, src = {}, 0
         for t in layout.tensors:
             c = layout.carriers.get(t.name)
             if c is None:
-                out[dst:dst + t.numel] = payload[src:src + t.numel]
+                out[t.name] = payload[src:src + t.numel].reshape(t.shape)
                 src += t.numel
-            else:
-                w = out[dst:dst + t.numel].reshape(t.shape)
-                ntri = c.k * (c.k + 1) // 2
-                c.block(w)[c.triangle_index()] = payload[src:src + ntri]
-                src += ntri
-                for part in c.rest(w):
-                    part[...] = payload[src:src + part.size].reshape(part.shape)
-                    src += part.size
-            dst += t.numel
+                continue
+            w = out[t.name] = np.empty(t.shape, wd)
+            block = c.block(w)
+            block[...] = 0  # structural zeros are the zero word
+            ntri = c.k * (c.k + 1) // 2
+            block[triangles[t.name]] = payload[src:src + ntri]
+            src += ntri
+            for part in c.rest(w):
+                part[...] = payload[src:src + part.size].reshape(part.shape)
+                src += part.size
         return out
 
 

@@ -8,9 +8,9 @@ before it is used.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 
+from .. import kernels
 from ..errors import FormatError, TruncatedError, VersionError
 
 MAGIC = b"\x89BBF\r\n\x1a\n"  # PNG-style: catches text-mode and truncation accidents
@@ -39,7 +39,7 @@ COMPRESSIONS = ("none", "zstd-planes")  # ids 0, 1 (the entropy stage may add id
 
 
 def crc32(data: bytes | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+    return kernels.crc32(data)
 
 
 def align(n: int) -> int:

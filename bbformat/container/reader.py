@@ -19,7 +19,6 @@ from typing import Any, Iterator
 import torch
 
 from ..codecs import entropy, get_codec
-from ..codecs.base import split_group
 from ..errors import ChecksumError, FormatError, TruncatedError, VersionError
 from ..models.arch import ModelDesc
 from ..words import from_words
@@ -130,7 +129,7 @@ class BBFReader:
 
     def read_section(self, rec: SectionRecord) -> bytes:
         """Fetch one section, verify its checksum, undo the entropy stage: its raw payload."""
-        stored = self.store.read(rec.offset, rec.offset + rec.stored_len)
+        stored = self.store.view(rec.offset, rec.offset + rec.stored_len)
         if crc32(stored) != rec.crc:
             raise ChecksumError(f"{rec.label}: checksum mismatch (the file is corrupt)")
         if rec.compression == 0:
@@ -155,6 +154,7 @@ class BBFReader:
 
     def close(self) -> None:
         self._cache.clear()
+        self.store.close()
 
     def __enter__(self) -> "BBFReader":
         return self
@@ -200,11 +200,8 @@ class BBFReader:
 
     def _decode_group(self, group: str) -> dict[str, torch.Tensor]:
         raw = {kind: self.read_section(rec) for kind, rec in self._by_group[group].items()}
-        words = self._decoder.decode(group, raw)
-        if not words.flags.writeable:  # tensors need writable memory; decoders usually hand over their own
-            words = words.copy()
         try:
-            parts = split_group(self.model, group, words)  # offsets == the checked tensor table's
+            parts = self._decoder.decode_tensors(group, raw)  # shapes == the checked tensor table's
         except FormatError as e:
             rec = next(iter(self._by_group[group].values()))
             raise FormatError(f"{rec.label}: {e}") from None
