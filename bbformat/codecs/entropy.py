@@ -129,18 +129,22 @@ class _Reader:
         self.pos += 1
         return self.buf[self.pos - 1]
 
-    def varint(self, limit: int, what: str) -> int:
-        v, shift = 0, 0
+    def varint(self, limit: int, what: str, detail: str = "") -> int:
+        buf, pos, v, shift = self.buf, self.pos, 0, 0
         while True:
-            b = self.byte()
+            if pos >= len(buf):
+                raise FormatError("entropy header is truncated")
+            b = buf[pos]
+            pos += 1
             v |= (b & 0x7F) << shift
-            if not b & 0x80:
+            if b < 0x80:
                 break
             shift += 7
             if shift > 63:
-                raise FormatError(f"entropy header: varint for {what} is too long")
+                raise FormatError(f"entropy header: varint for {what}{detail} is too long")
+        self.pos = pos
         if v > limit:
-            raise FormatError(f"entropy header: {what} = {v} exceeds its limit {limit}")
+            raise FormatError(f"entropy header: {what}{detail} = {v} exceeds its limit {limit}")
         return v
 
 
@@ -192,11 +196,11 @@ class _StreamRef:
 
 
 def _read_stream(r: _Reader, limit: int, chunk: int, data_pos: list, what: str) -> _StreamRef:
-    raw_len = r.varint(limit, f"{what} length")
+    raw_len = r.varint(limit, what, " length")
     chunks, start = [], 0
     while start < raw_len:
         n = min(chunk, raw_len - start)
-        v = r.varint(2 * chunk + 1, f"{what} chunk size")
+        v = r.varint(2 * chunk + 1, what, " chunk size")
         size, is_zstd = v >> 1, bool(v & 1)
         if not is_zstd and size != n:
             raise FormatError(f"{what}: stored chunk of {size} bytes, expected {n}")
