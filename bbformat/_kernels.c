@@ -17,6 +17,11 @@
 
 #define ESCAPE 15
 
+/* dst[t] = src[t] + b: a separate function so that `restrict` lets the compiler vectorize it */
+static void add_base(uint8_t *restrict dst, const uint8_t *restrict src, size_t n, uint8_t b) {
+    for (size_t t = 0; t < n; t++) dst[t] = (uint8_t)(src[t] + b);
+}
+
 /* unpack(top, line_len, classes, bases, shift, nibbles, k, stream, escapes) -> escapes used
  *
  * Fills the lines of class k in `top` (writable, n_lines * line_len bytes, line-major).
@@ -56,8 +61,7 @@ static PyObject *unpack(PyObject *self, PyObject *args) {
         uint8_t *dst = t8 + i * line_len;
         const uint8_t b = (uint8_t)(b8[i] << shift);
         if (!nibbles) {
-            const uint8_t *src = s + q;
-            for (Py_ssize_t t = 0; t < line_len; t++) dst[t] = (uint8_t)(b + src[t]);
+            add_base(dst, s + q, (size_t)line_len, b);
             q += line_len;
             continue;
         }

@@ -235,12 +235,17 @@ def _decode_chunk(data: memoryview, base: int, ref: tuple, out: np.ndarray, what
     out[ref[0]:ref[0] + ref[1]] = _chunk_bytes(data, base, ref, what)
 
 
-def _stream_array(data: memoryview, base: int, ref: _StreamRef, tasks: list, what: str) -> np.ndarray:
-    """The stream's bytes: a view into `data` when every chunk is stored, else a buffer filled by `tasks`."""
-    if all(not c[4] for c in ref.chunks) and ref.chunks:
+def _stored_whole(ref: _StreamRef) -> bool:
+    return bool(ref.chunks) and all(not c[4] for c in ref.chunks)
+
+
+def _stream_array(data: memoryview, base: int, ref: _StreamRef, tasks: list, what: str, alloc=None) -> np.ndarray:
+    """The stream's bytes: a view into `data` when every chunk is stored, else a buffer (from `alloc`) filled by
+    `tasks`."""
+    if _stored_whole(ref):
         s0 = ref.chunks[0][2]
         return np.frombuffer(data[base + s0: base + s0 + ref.raw_len], np.uint8)
-    out = np.empty(ref.raw_len, np.uint8)
+    out = alloc(ref.raw_len) if alloc else np.empty(ref.raw_len, np.uint8)
     tasks.extend((lambda c=c: _decode_chunk(data, base, c, out, what)) for c in ref.chunks)
     return out
 
@@ -534,18 +539,37 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str) -> np.ndarray
     data0 = r.pos
     parallel = n * ws >= _PARALLEL_BYTES
 
+    # Work memory (the decoded streams, the top bytes) comes from a pool: fresh memory costs a fault per page.
+    all_refs = [base_ref, class_ref, *(ref for refs in sym_refs for ref in refs), esc_ref, *plane_refs]
+    area = _SCRATCH.take(n + sum(ref.raw_len for ref in all_refs if not _stored_whole(ref)))
+    try:
+        return _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref, class_ref, sym_refs,
+                               esc_ref, plane_refs)
+    finally:
+        _SCRATCH.give(area)
+
+
+def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref, class_ref, sym_refs, esc_ref,
+                    plane_refs) -> np.ndarray:
+    used = [n]  # area[:n] holds the top bytes
+
+    def alloc(k: int) -> np.ndarray:
+        used[0] += k
+        return area[used[0] - k:used[0]]
+
     # 1. zstd: every stream's chunks (on all cores for a large section); stored chunks are views, not copies
+    parallel = n * ws >= _PARALLEL_BYTES
     tasks: list = []
-    bases = _stream_array(stored, data0, base_ref, tasks, "base stream")
-    classes = _stream_array(stored, data0, class_ref, tasks, "class stream")
-    syms = [[_stream_array(stored, data0, ref, tasks, "symbol stream") for ref in refs] for refs in sym_refs]
-    esc = _stream_array(stored, data0, esc_ref, tasks, "escape stream")
-    lo = [_stream_array(stored, data0, ref, tasks, f"plane {k}") for k, ref in enumerate(plane_refs)]
+    bases = _stream_array(stored, data0, base_ref, tasks, "base stream", alloc)
+    classes = _stream_array(stored, data0, class_ref, tasks, "class stream", alloc)
+    syms = [[_stream_array(stored, data0, ref, tasks, "symbol stream", alloc) for ref in refs] for refs in sym_refs]
+    esc = _stream_array(stored, data0, esc_ref, tasks, "escape stream", alloc)
+    lo = [_stream_array(stored, data0, ref, tasks, f"plane {k}", alloc) for k, ref in enumerate(plane_refs)]
     _run(tasks, parallel)
 
     # 2. each class stream -> the top bytes of its lines; 3. top bytes + low planes -> words, in row bands
     out = np.empty(n, _WORD[ws])  # every word is written below: no need to zero it
-    tops = _scratch(n)
+    tops = area[:n]
     unpacks, bands, line0, esc0 = [], [], 0, 0
     for p, streams in zip(pieces, syms):
         cls, bs = classes[line0:line0 + p.n_lines], bases[line0:line0 + p.n_lines]
@@ -567,12 +591,31 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str) -> np.ndarray
     return out.view(np.uint8)
 
 
-def _scratch(n: int) -> np.ndarray:
-    """A per-thread buffer for a section's top bytes, reused: fresh memory costs a page fault per 4 KiB."""
-    buf = getattr(_tls, "scratch", None)
-    if buf is None or buf.size < n:
-        buf = _tls.scratch = np.empty(max(n, 1 << 20), np.uint8)
-    return buf[:n]
+class _ScratchPool:
+    """Work buffers kept between sections (and between loads): a fresh buffer costs a page fault per 4 KiB, as
+    much as decoding into it. Keeps at most KEEP buffers of at most MAX_BYTES each."""
+
+    KEEP, MAX_BYTES = 2, 1 << 26
+
+    def __init__(self):
+        self.free: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> np.ndarray:
+        with self.lock:
+            for i, buf in enumerate(self.free):
+                if buf.size >= n:
+                    return self.free.pop(i)[:n]
+        return np.empty(max(n, 1 << 20), np.uint8)[:n]
+
+    def give(self, buf: np.ndarray) -> None:
+        base = buf.base if isinstance(buf.base, np.ndarray) else buf
+        if base.size <= self.MAX_BYTES:
+            with self.lock:
+                self.free = sorted(self.free + [base], key=lambda b: b.size)[-self.KEEP:]
+
+
+_SCRATCH = _ScratchPool()
 
 
 _TILE = 1 << 18  # words per assembly task
