@@ -185,3 +185,25 @@ def test_canonical_form_does_not_depend_on_the_symmetries(family):
             x, y = from_words(w, "float32"), from_words(b[g].canonical[name], "float32")
             assert (x - y).abs().max() <= 1e-5 * x.abs().max(), name  # measured: identical words; allow rare one-ulp flips
     assert not torch.allclose(orig[desc.layer_names(1)["down"]], moved[desc.layer_names(1)["down"]])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_reader_rebuilds_the_embedding_carrier_in_place(family, tmp_path):
+    """The reader decodes the embeddings' payload behind k(k-1)/2 words of room and the decoder rebuilds the
+    carrier there (no second buffer): the result must equal the codec's canonical words, word for word."""
+    import bbformat
+
+    desc = _desc(family)
+    dtype = "bfloat16"
+    orig = random_slicegpt(desc, seed=5, dtype=torch_dtype(dtype))
+    encoded = _encode(desc, orig, dtype)
+    dec = get_codec("exact").decoder(desc, dtype)
+    emb = carriers(desc)["emb"]
+    assert dec.payload_room("embed", "initial") == emb.zeros > 0
+    assert all(dec.payload_room(g, "block") == 0 for g in desc.groups() if g.startswith("layer."))
+    path = tmp_path / "m.bbf"
+    bbformat.save(orig, str(path), model=desc, codec="exact", dtype=dtype)
+    loaded = bbformat.load(str(path))
+    for g, e in encoded.items():
+        for name, words in e.canonical.items():
+            assert np.array_equal(to_words(loaded[name], dtype), words), name

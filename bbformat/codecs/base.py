@@ -72,12 +72,18 @@ class GroupDecoder:
         """Raw section payloads by kind -> the group's decoded word sequence."""
         raise NotImplementedError
 
-    def decode_tensors(self, group: str, sections: dict[str, bytes]) -> dict[str, np.ndarray]:
+    def decode_tensors(self, group: str, sections: dict[str, bytes],
+                       rooms: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Raw section payloads by kind -> name -> the tensor's words, in its shape (the reader's entry point).
 
         The default splits `decode`'s sequence; a codec may override it to hand out views of the payload instead
-        of copying it into one sequence first."""
+        of copying it into one sequence first. `rooms[kind]`, when present, is a word array whose last words are
+        that section's payload, preceded by the `payload_room` words the decoder asked for."""
         return split_group(self.desc, group, self.decode(group, sections))
+
+    def payload_room(self, group: str, kind: str) -> int:
+        """Words of free space wanted in front of a section's payload (to rebuild tensors in place); 0: none."""
+        return 0
 
 
 class Codec:

@@ -81,8 +81,12 @@ def compress(payload: bytes, word_size: int, segments: Sequence[Segment], dtype:
     return METHOD_PLANES, stored
 
 
-def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: str) -> bytes | np.ndarray:
-    """Undo `compress`. Never allocates more than `raw_len` (plus bounded bookkeeping); FormatError on bad data."""
+def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: str,
+               out: np.ndarray | None = None) -> bytes | np.ndarray:
+    """Undo `compress`. Never allocates more than `raw_len` (plus bounded bookkeeping); FormatError on bad data.
+
+    `out` (a writable uint8 array of raw_len bytes) receives a word payload coded with method 1 in place of a new
+    array: a codec can then rebuild its tensors around the payload without copying it."""
     _check_kind(word_size, dtype, FormatError)
     if raw_len < 0 or raw_len % word_size:
         raise FormatError(f"section raw length {raw_len} is not a whole number of {word_size}-byte words")
@@ -96,7 +100,9 @@ def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: 
         raise FormatError("an empty section must be stored with method 0")
     if word_size == 1:
         return _decode_bytes(memoryview(stored), raw_len)
-    return _decode_words(memoryview(stored), raw_len // word_size, word_size, dtype)
+    if out is not None and (out.dtype != np.uint8 or out.size != raw_len or not out.flags.writeable):
+        raise BBFError(f"decompress: `out` must be a writable uint8 array of {raw_len} bytes")
+    return _decode_words(memoryview(stored), raw_len // word_size, word_size, dtype, out)
 
 
 def _check_kind(word_size: int, dtype: str, error: type[BBFError]) -> None:
@@ -498,7 +504,7 @@ def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, le
     return bytes(head) + b"".join(parts)
 
 
-def _decode_words(stored: memoryview, n: int, ws: int, dtype: str) -> np.ndarray:
+def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndarray | None = None) -> np.ndarray:
     r, chunk = _read_prefix(stored, allowed_flags=FLAG_NIBBLES)
     nibbles = bool(stored[1] & FLAG_NIBBLES)
     shift = _exp_shift(dtype)
@@ -544,13 +550,13 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str) -> np.ndarray
     area = _SCRATCH.take(n + sum(ref.raw_len for ref in all_refs if not _stored_whole(ref)))
     try:
         return _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref, class_ref, sym_refs,
-                               esc_ref, plane_refs)
+                               esc_ref, plane_refs, dest)
     finally:
         _SCRATCH.give(area)
 
 
 def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref, class_ref, sym_refs, esc_ref,
-                    plane_refs) -> np.ndarray:
+                    plane_refs, dest: np.ndarray | None) -> np.ndarray:
     used = [n]  # area[:n] holds the top bytes
 
     def alloc(k: int) -> np.ndarray:
@@ -568,7 +574,7 @@ def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref
     _run(tasks, parallel)
 
     # 2. each class stream -> the top bytes of its lines; 3. top bytes + low planes -> words, in row bands
-    out = np.empty(n, _WORD[ws])  # every word is written below: no need to zero it
+    out = np.empty(n, _WORD[ws]) if dest is None else dest.view(_WORD[ws])  # every word is written below
     tops = area[:n]
     unpacks, bands, line0, esc0 = [], [], 0, 0
     for p, streams in zip(pieces, syms):

@@ -240,7 +240,22 @@ class _ExactDecoder(GroupDecoder):
         parts = [tensors[t.name].reshape(-1) for t in self._layout(group)[0].tensors]
         return np.concatenate(parts) if parts else np.zeros(0, word_np_dtype(self.dtype))
 
-    def decode_tensors(self, group: str, sections: dict[str, bytes]) -> dict[str, np.ndarray]:
+    def _inplace_carrier(self, group: str) -> Carrier | None:
+        """The carrier that can be rebuilt in place: the group's only carrier, its first tensor, on axis 1 (the
+        embeddings). Every later tensor then sits at its final offset when the payload is decoded behind
+        k(k-1)/2 words of room (SPEC 12: its stored form is the triangle, then the rows outside the block)."""
+        layout = self._layout(group)[0]
+        if len(layout.carriers) != 1 or not layout.tensors:
+            return None
+        c = layout.carriers.get(layout.tensors[0].name)
+        return c if c is not None and c.axis == 1 else None
+
+    def payload_room(self, group: str, kind: str) -> int:
+        c = self._inplace_carrier(group)
+        return c.zeros if c is not None and kind == self.codec.sections_for(group)[0] else 0
+
+    def decode_tensors(self, group: str, sections: dict[str, bytes],
+                       rooms: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Every tensor but a carrier is a view of the payload; a carrier gets its structural zeros back."""
         layout, triangles = self._layout(group)
         kind = self.codec.sections_for(group)[0]
@@ -255,6 +270,10 @@ class _ExactDecoder(GroupDecoder):
             raise FormatError(f"group {group}: codec 'exact' has no corrections, but the correction section "
                               f"is not empty")
         payload = np.frombuffer(data, dtype=wd)
+        room = (rooms or {}).get(kind)
+        c0 = self._inplace_carrier(group)
+        if room is not None and c0 is not None and room.size == layout.numel and room.dtype == wd:
+            return self._rebuild_in_place(layout, c0, triangles[c0.tensor], room)
         out, src = {}, 0
         for t in layout.tensors:
             c = layout.carriers.get(t.name)
@@ -271,6 +290,27 @@ class _ExactDecoder(GroupDecoder):
             for part in c.rest(w):
                 part[...] = payload[src:src + part.size].reshape(part.shape)
                 src += part.size
+        return out
+
+    @staticmethod
+    def _rebuild_in_place(layout: _Layout, c: Carrier, triangle: tuple, buf: np.ndarray) -> dict[str, np.ndarray]:
+        """buf = [k(k-1)/2 words of room | triangle | W[:s] | W[s+k:] | later tensors] -> the final words.
+
+        W[s+k:] and the later tensors are already where they belong; W[:s] moves to the front (in chunks no
+        longer than the distance moved, so source and destination never overlap) and the block is filled."""
+        k, s, cols = c.k, c.start, c.shape[1]
+        tri = buf[c.zeros: c.zeros + k * (k + 1) // 2].copy()
+        src, length = k * k, s * cols  # W[:s] starts after room + triangle = k*k words
+        for a in range(0, length, src):
+            b = min(length, a + src)
+            buf[a:b] = buf[src + a: src + b]
+        block = buf[s * cols: s * cols + k * k].reshape(k, k)
+        block[...] = 0
+        block[triangle] = tri
+        out, off = {}, 0
+        for t in layout.tensors:
+            out[t.name] = buf[off: off + t.numel].reshape(t.shape)
+            off += t.numel
         return out
 
 

@@ -16,12 +16,13 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from ..codecs import entropy, get_codec
 from ..errors import ChecksumError, FormatError, TruncatedError, VersionError
 from ..models.arch import ModelDesc
-from ..words import from_words
+from ..words import from_words, word_np_dtype
 from .header import check_tensor_table, parse_header
 from .layout import (FOOTER, MAJOR, PREAMBLE, RECORD, SUFFIX_GUESS, Footer, SectionRecord, check_preamble, crc32,
                      parse_index)
@@ -127,16 +128,20 @@ class BBFReader:
                 return self.read_section(recs[0])
         raise KeyError(f"no aux entry {name!r} in {self.url}")
 
-    def read_section(self, rec: SectionRecord) -> bytes:
-        """Fetch one section, verify its checksum, undo the entropy stage: its raw payload."""
+    def read_section(self, rec: SectionRecord, out: np.ndarray | None = None) -> bytes | np.ndarray:
+        """Fetch one section, verify its checksum, undo the entropy stage: its raw payload (written into `out`,
+        a uint8 array of raw_len bytes, when given)."""
         stored = self.store.view(rec.offset, rec.offset + rec.stored_len)
         if crc32(stored) != rec.crc:
             raise ChecksumError(f"{rec.label}: checksum mismatch (the file is corrupt)")
         if rec.compression == 0:
             raw = stored
+            if out is not None and len(stored) == out.size:
+                out[:] = np.frombuffer(stored, np.uint8)
+                raw = out
         else:
             try:
-                raw = entropy.decompress(rec.compression, stored, rec.raw_len, rec.word_size, self.dtype)
+                raw = entropy.decompress(rec.compression, stored, rec.raw_len, rec.word_size, self.dtype, out)
             except FormatError as e:
                 raise FormatError(f"{rec.label}: {e}") from None
         if len(raw) != rec.raw_len:
@@ -199,9 +204,16 @@ class BBFReader:
         return by_group
 
     def _decode_group(self, group: str) -> dict[str, torch.Tensor]:
-        raw = {kind: self.read_section(rec) for kind, rec in self._by_group[group].items()}
+        raw, rooms = {}, {}
+        for kind, rec in self._by_group[group].items():
+            room = self._decoder.payload_room(group, kind) if rec.word_size > 1 else 0
+            if room > 0:  # decode behind the room the codec asked for, so it can rebuild its tensors in place
+                buf = rooms[kind] = np.empty(room + rec.raw_len // rec.word_size, word_np_dtype(self.dtype))
+                raw[kind] = self.read_section(rec, buf.view(np.uint8)[room * rec.word_size:])
+            else:
+                raw[kind] = self.read_section(rec)
         try:
-            parts = self._decoder.decode_tensors(group, raw)  # shapes == the checked tensor table's
+            parts = self._decoder.decode_tensors(group, raw, rooms)  # shapes == the checked tensor table's
         except FormatError as e:
             rec = next(iter(self._by_group[group].values()))
             raise FormatError(f"{rec.label}: {e}") from None
