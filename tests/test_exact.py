@@ -183,7 +183,8 @@ def test_canonical_form_does_not_depend_on_the_symmetries(family):
     for g in desc.groups():
         for name, w in a[g].canonical.items():
             x, y = from_words(w, "float32"), from_words(b[g].canonical[name], "float32")
-            assert (x - y).abs().max() <= 1e-5 * x.abs().max(), name  # measured: identical words; allow rare one-ulp flips
+            # measured: identical words; allow rare one-ulp flips
+            assert (x - y).abs().max() <= 1e-5 * x.abs().max(), name
     assert not torch.allclose(orig[desc.layer_names(1)["down"]], moved[desc.layer_names(1)["down"]])
 
 

@@ -116,7 +116,7 @@ def bench_one(desc, tensors32: dict, dtype: str, workdir: Path, repeat: int) -> 
         t0 = time.perf_counter()
         bbformat.save(tensors, str(path), model=desc, codec=codec, dtype=dtype)
         enc = time.perf_counter() - t0
-        row(f".bbf {codec}", path.stat().st_size, best_time(lambda: bbformat.load(str(path)), repeat), enc)
+        row(f".bbf {codec}", path.stat().st_size, best_time(lambda p=path: bbformat.load(str(p)), repeat), enc)
     row("order-0 entropy bound (per tensor)", order0_bits(tensors, dtype) / 8, note="reference")
     return rows
 

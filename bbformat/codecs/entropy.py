@@ -543,7 +543,6 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndar
     plane_refs = [stream(n, f"plane {k}") for k in range(ws - 1)]
     _check_total(stored, r.pos, dpos[0])
     data0 = r.pos
-    parallel = n * ws >= _PARALLEL_BYTES
 
     # Work memory (the decoded streams, the top bytes) comes from a pool: fresh memory costs a fault per page.
     all_refs = [base_ref, class_ref, *(ref for refs in sym_refs for ref in refs), esc_ref, *plane_refs]
