@@ -537,8 +537,12 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndar
         return ref
 
     base_ref, class_ref = stream(n_lines, "base stream"), stream(n_lines, "class stream")
-    sym_refs = [[stream((p.size + 1) // 2 if nibbles else p.size, "symbol stream", exact=False)
-                 for _ in range(p.n_classes)] for p in pieces]
+    sym_refs = []
+    for p in pieces:  # each class stream's exact length is checked against its lines when it is unpacked
+        limit = (p.size + 1) // 2 + p.n_classes if nibbles else p.size
+        sym_refs.append([stream(limit, "symbol stream", exact=False) for _ in range(p.n_classes)])
+        if sum(ref.raw_len for ref in sym_refs[-1]) > limit:  # bound the allocation before it is made
+            raise FormatError(f"piece at word {p.offset}: its symbol streams hold more than {limit} bytes")
     esc_ref = stream(n_esc, "escape stream")
     plane_refs = [stream(n, f"plane {k}") for k in range(ws - 1)]
     _check_total(stored, r.pos, dpos[0])
