@@ -419,10 +419,10 @@ def _cluster(hist: np.ndarray, k: int, iters: int = 10) -> np.ndarray:
     return labels
 
 
-def _plan(grid: np.ndarray, piece: _Piece, shift: int, nibbles: bool) -> tuple[np.ndarray, np.ndarray, float]:
+def _plan(grid: np.ndarray, piece: _Piece, shift: int, nibbles: bool) -> tuple[np.ndarray, np.ndarray]:
     """Choose the piece's line direction, base alignment and line classes by estimated code length.
 
-    Sets piece.by_cols / n_classes; returns (bases, classes, estimated bits)."""
+    Sets piece.by_cols / n_classes; returns (bases, classes)."""
     best = None
     for by_cols in ((False, True) if piece.rows > 1 else (False,)):
         lines = grid.T if by_cols else grid
@@ -436,8 +436,8 @@ def _plan(grid: np.ndarray, piece: _Piece, shift: int, nibbles: bool) -> tuple[n
                 bits += 8 * (escapes + k * STREAM_OVERHEAD + n_lines)
                 if best is None or bits < best[0]:
                     best = (bits, by_cols, bases, labels, k)
-    bits, piece.by_cols, bases, labels, piece.n_classes = best
-    return bases, labels.astype(np.uint8), bits
+    _, piece.by_cols, bases, labels, piece.n_classes = best
+    return bases, labels.astype(np.uint8)
 
 
 def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, level: int) -> bytes:
@@ -451,7 +451,7 @@ def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, le
         plans, coded, n_esc = [], [], 0
         for p in _pieces(n, segments):
             grid = top[p.offset:p.offset + p.size].reshape(p.rows, p.cols)
-            bases, classes, _ = _plan(grid, p, shift, nibbles)
+            bases, classes = _plan(grid, p, shift, nibbles)
             lines = np.ascontiguousarray(grid.T if p.by_cols else grid)
             res = lines - (bases << np.uint8(shift))[:, None]
             streams, escapes = [], []
