@@ -1,238 +1,275 @@
-/* bbformat's compiled inner loops: the entropy stage's two (SPEC.md section 13), where numpy needs several passes
- * per word and these need one, and the section checksum. bbformat/kernels.py holds the same functions in numpy /
- * zlib: the reference the tests compare these against, and the fallback when this module was not built.
+/* bbformat's compiled inner loops: the entropy stage's decoding (SPEC.md section 13), where numpy needs several
+ * passes per word and this needs one, and the section checksum. bbformat/kernels.py holds the same functions in
+ * numpy / zlib: the reference the tests compare these against, and the fallback when this module was not built.
  *
- * unpack:   one symbol stream (a class of lines) + per-line bases + escapes  ->  those lines' top bytes
- * assemble: a piece's top bytes (line-major) + the low byte planes            ->  its words (rotated back)
+ * decode: a piece's symbol streams (one per class of lines) + bases + escapes + the low byte planes -> words
+ * triangle: an `exact` carrier's packed triangle -> its k x k block
+ * crc32:  zlib.crc32
  *
  * Every length is checked before any memory is touched; the GIL is released while the loops run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__SSE2__)
-#include <emmintrin.h> /* x86-64 baseline: 32 nibbles per step */
+#include <emmintrin.h> /* x86-64 baseline: 32 words per step */
 #endif
 
 #define ESCAPE 15
+#define MAX_CLASSES 16
+#define BATCH 2048 /* nibbles unpacked at a time per stream, into a buffer that stays in L1 */
 
-/* dst[t] = src[t] + b: a separate function so that `restrict` lets the compiler vectorize it */
-static void add_base(uint8_t *restrict dst, const uint8_t *restrict src, size_t n, uint8_t b) {
-    for (size_t t = 0; t < n; t++) dst[t] = (uint8_t)(src[t] + b);
+/* Where the words go: shared by a piece's streams. */
+typedef struct {
+    int ws, nibbles;
+    const uint8_t *p0, *p1, *p2; /* the low planes, from the piece's first word */
+    uint16_t *o2;                /* the words, from the piece's first word (ws 2) */
+    uint32_t *o4;                /* (ws 4) */
+} Out;
+
+/* One class's symbol stream being decoded. */
+typedef struct {
+    const uint8_t *s;    /* symbols: nibbles (two per byte, low first) or bytes */
+    Py_ssize_t q, total; /* next symbol, symbols in the stream */
+    const uint8_t *esc;  /* escaped top bytes, consumed in order */
+    Py_ssize_t e, n_esc;
+    uint8_t *tmp;        /* unpacked nibbles tmp[u .. avail) not used yet */
+    Py_ssize_t u, avail;
+} Stream;
+
+static inline void put_word(const Out *o, Py_ssize_t i, uint8_t t) {
+    if (o->ws == 2) {
+        const uint16_t w = (uint16_t)(t << 8 | o->p0[i]);
+        o->o2[i] = (uint16_t)(w >> 1 | w << 15);
+    } else {
+        const uint32_t w = (uint32_t)t << 24 | (uint32_t)o->p2[i] << 16 | (uint32_t)o->p1[i] << 8 | o->p0[i];
+        o->o4[i] = w >> 1 | w << 31;
+    }
 }
 
-/* unpack(top, line_len, classes, bases, shift, nibbles, k, stream, escapes) -> escapes used
+/* Residuals res[0 .. n) -> the words at piece positions i0 .. i0 + n - 1. Each gets base bv[t] (per element, when
+ * bv is given: a by_cols piece) or bc (one base: a row); with nibbles, residual 15 takes the next escape instead.
+ * Returns 0, or -1 when the escapes run out. */
+static int decode_seg(const Out *o, Stream *st, const uint8_t *res, Py_ssize_t i0, Py_ssize_t n, const uint8_t *bv,
+                      uint8_t bc) {
+    Py_ssize_t t = 0;
+#if defined(__SSE2__)
+    if (o->ws == 2) { /* 16 words per step; a step with an escape patches its top bytes one by one */
+        const __m128i m15 = _mm_set1_epi8(15), vb = _mm_set1_epi8((char)bc);
+        for (; t + 16 <= n; t += 16) {
+            const __m128i r = _mm_loadu_si128((const __m128i *)(res + t));
+            int mask = o->nibbles ? _mm_movemask_epi8(_mm_cmpeq_epi8(r, m15)) : 0;
+            __m128i top = _mm_add_epi8(r, bv ? _mm_loadu_si128((const __m128i *)(bv + t)) : vb);
+            if (mask) {
+                uint8_t buf[16];
+                _mm_storeu_si128((__m128i *)buf, top);
+                for (; mask; mask &= mask - 1) {
+                    if (st->e >= st->n_esc) return -1;
+                    buf[__builtin_ctz((unsigned)mask)] = st->esc[st->e++];
+                }
+                top = _mm_loadu_si128((const __m128i *)buf);
+            }
+            const __m128i l = _mm_loadu_si128((const __m128i *)(o->p0 + i0 + t));
+            __m128i w0 = _mm_unpacklo_epi8(l, top), w1 = _mm_unpackhi_epi8(l, top);
+            w0 = _mm_or_si128(_mm_srli_epi16(w0, 1), _mm_slli_epi16(w0, 15));
+            w1 = _mm_or_si128(_mm_srli_epi16(w1, 1), _mm_slli_epi16(w1, 15));
+            _mm_storeu_si128((__m128i *)(o->o2 + i0 + t), w0);
+            _mm_storeu_si128((__m128i *)(o->o2 + i0 + t + 8), w1);
+        }
+    }
+#endif
+    for (; t < n; t++) {
+        const uint8_t r = res[t];
+        if (o->nibbles && r == ESCAPE) {
+            if (st->e >= st->n_esc) return -1;
+            put_word(o, i0 + t, st->esc[st->e++]);
+        } else {
+            put_word(o, i0 + t, (uint8_t)(r + (bv ? bv[t] : bc)));
+        }
+    }
+    return 0;
+}
+
+/* Unpack the stream's next m nibbles (m <= BATCH; the position is even) into its tmp, one byte each. */
+static void unpack_nibbles(Stream *st, Py_ssize_t m) {
+    const uint8_t *s = st->s + (st->q >> 1);
+    uint8_t *tmp = st->tmp;
+    Py_ssize_t t = 0;
+#if defined(__SSE2__)
+    const __m128i m15 = _mm_set1_epi8(15);
+    for (; t + 32 <= m; t += 32) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(s + (t >> 1)));
+        const __m128i lo = _mm_and_si128(v, m15), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
+        _mm_storeu_si128((__m128i *)(tmp + t), _mm_unpacklo_epi8(lo, hi));
+        _mm_storeu_si128((__m128i *)(tmp + t + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+#endif
+    for (; t < m; t++) tmp[t] = (t & 1) ? s[t >> 1] >> 4 : s[t >> 1] & 15;
+    st->q += m;
+    st->u = 0;
+    st->avail = m;
+}
+
+/* The stream's next n symbols -> the words at piece positions i0 .. i0 + n - 1 (see decode_seg). */
+static int decode_run(const Out *o, Stream *st, Py_ssize_t i0, Py_ssize_t n, const uint8_t *bv, uint8_t bc) {
+    for (Py_ssize_t done = 0, len; done < n; done += len) {
+        const uint8_t *res;
+        if (o->nibbles) {
+            if (st->u == st->avail) unpack_nibbles(st, st->total - st->q < BATCH ? st->total - st->q : BATCH);
+            len = n - done < st->avail - st->u ? n - done : st->avail - st->u;
+            res = st->tmp + st->u;
+            st->u += len;
+        } else {
+            len = n - done;
+            res = st->s + st->q;
+            st->q += len;
+        }
+        if (decode_seg(o, st, res, i0 + done, len, bv ? bv + done : NULL, bc)) return -1;
+    }
+    return 0;
+}
+
+/* decode(out, planes, offset, rows, cols, by_cols, classes, bases, shift, nibbles, streams, escapes)
  *
- * Fills the lines of class k in `top` (writable, n_lines * line_len bytes, line-major).
- * classes:  n_lines bytes, the class of each line
- * bases:    n_lines bytes, each line's base exponent (added shifted left by `shift`)
- * stream:   the residuals of class k's lines, in line order: two per byte (low nibble first) when nibbles,
- *           else one per byte
- * escapes:  the top bytes of this stream's escaped words (nibble ESCAPE), in order
+ * Writes the words of one piece: rows x cols words from word `offset` of `out`, row by row.
+ * out:      writable, the section's words (ws = len(planes) + 1 bytes each, little-endian)
+ * planes:   ws - 1 buffers, one byte per word of the whole section (plane 0 = lowest byte)
+ * classes:  one byte per line (a row; a column when by_cols), each < K = len(streams); a by_cols piece's classes
+ *           do not decrease, so each class is a range of columns
+ * bases:    one byte per line, added shifted left by `shift`
+ * streams:  K buffers, class c's residuals: its rows one after another; when by_cols, row by row across its
+ *           columns. Two per byte (low nibble first, 15 = escape) when nibbles, else one per byte.
+ * escapes:  K buffers, the top bytes of each stream's escaped words, in order; each must be used up exactly.
+ * Word (y, x) = rotr1(top << (8 ws - 8) | planes[ws - 2] << (8 ws - 16) | ... | planes[0]).
  */
-static PyObject *unpack(PyObject *self, PyObject *args) {
-    Py_buffer top, cls, bases, stream, esc;
-    Py_ssize_t line_len;
-    int shift, nibbles, k;
-    if (!PyArg_ParseTuple(args, "w*ny*y*iiiy*y*", &top, &line_len, &cls, &bases, &shift, &nibbles, &k, &stream,
-                          &esc))
+static PyObject *decode(PyObject *self, PyObject *args) {
+    Py_buffer out, cls, bases;
+    PyObject *planes, *streams, *escapes;
+    Py_ssize_t offset, rows, cols;
+    int by_cols, shift, nibbles;
+    if (!PyArg_ParseTuple(args, "w*Onnniy*y*iiOO", &out, &planes, &offset, &rows, &cols, &by_cols, &cls, &bases,
+                          &shift, &nibbles, &streams, &escapes))
         return NULL;
+    PyObject *pseq = NULL, *sseq = NULL, *eseq = NULL;
+    Py_buffer pbuf[3], sbuf[MAX_CLASSES], ebuf[MAX_CLASSES];
+    Py_ssize_t np_ = 0, got_p = 0, got_s = 0, got_e = 0, K = 0;
+    uint8_t *bv = NULL, *tmp = NULL;
     const char *err = NULL;
-    const Py_ssize_t n_lines = cls.len;
-    const uint8_t *c8 = (const uint8_t *)cls.buf, *b8 = (const uint8_t *)bases.buf;
-    const uint8_t *s = (const uint8_t *)stream.buf, *e8 = (const uint8_t *)esc.buf;
-    uint8_t *t8 = (uint8_t *)top.buf;
-    Py_ssize_t count = 0, e = 0;
-    if (line_len < 0 || bases.len != n_lines || (line_len && top.len / line_len != n_lines) ||
-        top.len != n_lines * line_len || shift < 0 || shift > 7 || k < 0 || k > 255) {
-        err = "unpack: inconsistent sizes";
+    char msg[160];
+    if (!(pseq = PySequence_Fast(planes, "planes must be a sequence of buffers"))) goto done;
+    if (!(sseq = PySequence_Fast(streams, "streams must be a sequence of buffers"))) goto done;
+    if (!(eseq = PySequence_Fast(escapes, "escapes must be a sequence of buffers"))) goto done;
+    np_ = PySequence_Fast_GET_SIZE(pseq);
+    K = PySequence_Fast_GET_SIZE(sseq);
+    const Py_ssize_t ws = np_ + 1;
+    if (ws != 2 && ws != 4) { err = "need 1 or 3 low planes (word size 2 or 4)"; goto done; }
+    if (K < 1 || K > MAX_CLASSES || PySequence_Fast_GET_SIZE(eseq) != K) {
+        err = "need 1 to 16 streams, and one escape buffer per stream";
         goto done;
     }
-    for (Py_ssize_t i = 0; i < n_lines; i++) count += c8[i] == k;
-    Py_ssize_t want = count * line_len;
-    if (nibbles) want = (want + 1) / 2;
-    if (stream.len != want) { err = "a symbol stream's length does not match its lines"; goto done; }
-
+    for (; got_p < np_; got_p++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(pseq, got_p), &pbuf[got_p], PyBUF_SIMPLE) < 0) goto done;
+    for (; got_s < K; got_s++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(sseq, got_s), &sbuf[got_s], PyBUF_SIMPLE) < 0) goto done;
+    for (; got_e < K; got_e++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(eseq, got_e), &ebuf[got_e], PyBUF_SIMPLE) < 0) goto done;
+    const Py_ssize_t n = out.len / ws, n_lines = by_cols ? cols : rows;
+    if (out.len % ws || rows < 0 || cols < 0 || offset < 0 || offset > n || (cols && rows > (n - offset) / cols) ||
+        cls.len != n_lines || bases.len != n_lines || shift < 0 || shift > 7 || (by_cols != 0 && by_cols != 1)) {
+        err = "decode: inconsistent sizes";
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < np_; j++)
+        if (pbuf[j].len != n) { err = "a byte plane does not match the section length"; goto done; }
+    const uint8_t *c8 = (const uint8_t *)cls.buf, *b8 = (const uint8_t *)bases.buf;
+    Py_ssize_t count[MAX_CLASSES] = {0}, first[MAX_CLASSES];
+    for (Py_ssize_t j = 0; j < n_lines; j++) {
+        if (c8[j] >= K) { err = "a line class is >= the piece's class count"; goto done; }
+        if (by_cols && j && c8[j] < c8[j - 1]) { err = "the column classes of a piece decrease"; goto done; }
+        if (!count[c8[j]]++) first[c8[j]] = j;
+    }
+    Out o = {(int)ws, nibbles, (const uint8_t *)pbuf[0].buf + offset,
+             ws == 4 ? (const uint8_t *)pbuf[1].buf + offset : NULL, ws == 4 ? (const uint8_t *)pbuf[2].buf + offset : NULL,
+             (uint16_t *)out.buf + offset, (uint32_t *)out.buf + offset};
+    if (!(tmp = malloc((size_t)K * BATCH)) || !(bv = malloc((size_t)n_lines + 1))) { PyErr_NoMemory(); goto done; }
+    Stream st[MAX_CLASSES];
+    for (Py_ssize_t c = 0; c < K; c++) {
+        const Py_ssize_t total = count[c] * (by_cols ? rows : cols);
+        if (sbuf[c].len != (nibbles ? (total + 1) / 2 : total)) {
+            err = "a symbol stream's length does not match its lines";
+            goto done;
+        }
+        st[c] = (Stream){(const uint8_t *)sbuf[c].buf, 0, total, (const uint8_t *)ebuf[c].buf, 0, ebuf[c].len,
+                         tmp + c * BATCH, 0, 0};
+    }
+    for (Py_ssize_t j = 0; j < n_lines; j++) bv[j] = (uint8_t)(b8[j] << shift);
+    int bad = 0;
     Py_BEGIN_ALLOW_THREADS
-    Py_ssize_t q = 0; /* position in the stream, in symbols */
-    for (Py_ssize_t i = 0; i < n_lines && !err; i++) {
-        if (c8[i] != k) continue;
-        uint8_t *dst = t8 + i * line_len;
-        const uint8_t b = (uint8_t)(b8[i] << shift);
-        if (!nibbles) {
-            add_base(dst, s + q, (size_t)line_len, b);
-            q += line_len;
+    for (Py_ssize_t y = 0; y < rows && !bad; y++) { /* row by row, so the words are written in order */
+        if (!by_cols) {
+            bad = decode_run(&o, &st[c8[y]], y * cols, cols, NULL, bv[y]);
             continue;
         }
-        Py_ssize_t t = 0;
-        while (t < line_len) {
-#if defined(__SSE2__)
-            if (!(q & 1)) { /* 16 packed bytes -> 32 top bytes, while the block has no escape */
-                const __m128i m15 = _mm_set1_epi8(15), vb = _mm_set1_epi8((char)b);
-                while (t + 32 <= line_len) {
-                    const __m128i v = _mm_loadu_si128((const __m128i *)(s + (q >> 1)));
-                    const __m128i lo = _mm_and_si128(v, m15), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
-                    if (_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(lo, m15), _mm_cmpeq_epi8(hi, m15)))) break;
-                    _mm_storeu_si128((__m128i *)(dst + t), _mm_add_epi8(_mm_unpacklo_epi8(lo, hi), vb));
-                    _mm_storeu_si128((__m128i *)(dst + t + 16), _mm_add_epi8(_mm_unpackhi_epi8(lo, hi), vb));
-                    t += 32;
-                    q += 32;
-                }
-            }
-#endif
-            /* one symbol at a time: a block with an escape, an odd start, or the line's tail */
-            const Py_ssize_t stop = t + 32 < line_len ? t + 32 : line_len;
-            for (; t < stop; t++, q++) {
-                const uint8_t r = (q & 1) ? s[q >> 1] >> 4 : s[q >> 1] & 15;
-                if (r == ESCAPE) {
-                    if (e >= esc.len) { err = "the escape stream is too short"; break; }
-                    dst[t] = e8[e++];
-                } else {
-                    dst[t] = (uint8_t)(b + r);
-                }
-            }
-            if (err) break;
-        }
+        for (Py_ssize_t c = 0; c < K && !bad; c++)
+            if (count[c]) bad = decode_run(&o, &st[c], y * cols + first[c], count[c], bv + first[c], 0);
     }
     Py_END_ALLOW_THREADS
+    if (bad) { err = "the escape stream is too short"; goto done; }
+    for (Py_ssize_t c = 0; c < K; c++)
+        if (st[c].e != st[c].n_esc) {
+            snprintf(msg, sizeof msg, "class %zd used %zd escapes, the header declares %zd", c, st[c].e, st[c].n_esc);
+            err = msg;
+            goto done;
+        }
 done:
-    PyBuffer_Release(&top); PyBuffer_Release(&cls); PyBuffer_Release(&bases); PyBuffer_Release(&stream);
-    PyBuffer_Release(&esc);
+    free(bv);
+    free(tmp);
+    for (Py_ssize_t j = 0; j < got_p; j++) PyBuffer_Release(&pbuf[j]);
+    for (Py_ssize_t j = 0; j < got_s; j++) PyBuffer_Release(&sbuf[j]);
+    for (Py_ssize_t j = 0; j < got_e; j++) PyBuffer_Release(&ebuf[j]);
+    Py_XDECREF(pseq); Py_XDECREF(sseq); Py_XDECREF(eseq);
+    PyBuffer_Release(&out); PyBuffer_Release(&cls); PyBuffer_Release(&bases);
+    if (err) PyErr_SetString(PyExc_ValueError, err);
+    if (err || PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+
+/* triangle(out, offset, ld, k, lower, tri)
+ *
+ * Fills the k x k block of words at word `offset` of `out` (rows `ld` words apart; the word size is tri's item
+ * size, 2 or 4) from its packed triangle `tri` (k (k + 1) / 2 words, row by row): lower -> row i holds tri's next
+ * i + 1 words then zeros; upper -> row i holds i zeros then tri's next k - i words. An `exact` carrier's block.
+ */
+static PyObject *triangle(PyObject *self, PyObject *args) {
+    Py_buffer out, tri;
+    Py_ssize_t offset, ld, k;
+    int lower;
+    if (!PyArg_ParseTuple(args, "w*nnniy*", &out, &offset, &ld, &k, &lower, &tri)) return NULL;
+    const char *err = NULL;
+    const Py_ssize_t cells = k * (k + 1) / 2, ws = cells ? tri.len / cells : 2;
+    if (k < 0 || ld < k || offset < 0 || (ws != 2 && ws != 4) || tri.len != cells * ws || out.len % ws ||
+        (k && (k - 1) > (out.len / ws - offset - k) / ld) || offset > out.len / ws) {
+        err = "triangle: inconsistent sizes";
+    } else {
+        uint8_t *o = (uint8_t *)out.buf + offset * ws;
+        const uint8_t *t = (const uint8_t *)tri.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < k; i++, o += ld * ws) {
+            const Py_ssize_t zeros = lower ? k - i - 1 : i, m = k - zeros; /* m words from tri in this row */
+            memcpy(lower ? o : o + zeros * ws, t, (size_t)(m * ws));
+            memset(lower ? o + m * ws : o, 0, (size_t)(zeros * ws));
+            t += m * ws;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&out); PyBuffer_Release(&tri);
     if (err) {
         PyErr_SetString(PyExc_ValueError, err);
         return NULL;
     }
-    return PyLong_FromSsize_t(e);
-}
-
-#define TILE 64  /* columns per transpose tile */
-#define TR 256   /* rows per transpose tile: 4 cache lines per column copied out */
-
-#if defined(__SSE2__)
-#define HAVE_SSE2 1
-/* A 16x16 byte transpose: four rounds of interleaving row i with row i + 8 (a perfect shuffle). */
-static inline void transpose16(__m128i x[16]) {
-    __m128i y[16];
-    for (int round = 0; round < 4; round++) {
-        for (int i = 0; i < 8; i++) {
-            y[2 * i] = _mm_unpacklo_epi8(x[i], x[i + 8]);
-            y[2 * i + 1] = _mm_unpackhi_epi8(x[i], x[i + 8]);
-        }
-        memcpy(x, y, sizeof(y));
-    }
-}
-
-/* One full TR x TILE tile of 2-byte words: tile[c * TR + r] holds the top bytes (column-major), lo + r * cols + c
- * the low bytes; words go to o + r * cols + c. */
-static void tile2_sse(const uint8_t *tile, const uint8_t *lo, uint16_t *o, Py_ssize_t rt, Py_ssize_t ct,
-                      Py_ssize_t cols) {
-    for (int cb = 0; cb < TILE; cb += 16)
-        for (int rb = 0; rb < TR; rb += 16) {
-            __m128i x[16];
-            for (int i = 0; i < 16; i++) x[i] = _mm_loadu_si128((const __m128i *)(tile + (cb + i) * TR + rb));
-            transpose16(x); /* x[j]: the top bytes of row rt + rb + j, columns ct + cb .. + 15 */
-            for (int j = 0; j < 16; j++) {
-                const Py_ssize_t at = (rt + rb + j) * cols + ct + cb;
-                const __m128i l = _mm_loadu_si128((const __m128i *)(lo + at));
-                __m128i w0 = _mm_unpacklo_epi8(l, x[j]), w1 = _mm_unpackhi_epi8(l, x[j]);
-                w0 = _mm_or_si128(_mm_srli_epi16(w0, 1), _mm_slli_epi16(w0, 15));
-                w1 = _mm_or_si128(_mm_srli_epi16(w1, 1), _mm_slli_epi16(w1, 15));
-                _mm_storeu_si128((__m128i *)(o + at), w0);
-                _mm_storeu_si128((__m128i *)(o + at + 8), w1);
-            }
-        }
-}
-#else
-#define HAVE_SSE2 0
-static void tile2_sse(const uint8_t *tile, const uint8_t *lo, uint16_t *o, Py_ssize_t rt, Py_ssize_t ct,
-                      Py_ssize_t cols) {
-    (void)tile; (void)lo; (void)o; (void)rt; (void)ct; (void)cols;
-}
-#endif
-
-/* assemble(out, top, planes, offset, rows, cols, by_cols, word_size, r0, r1)
- *
- * out:     writable, the section's words (word_size bytes each, little-endian)
- * top:     the piece's top bytes, line-major: rows x cols, or cols x rows when by_cols (lines are columns)
- * planes:  word_size - 1 buffers, each one byte per word of the whole section (plane 0 = lowest byte)
- * For the piece's rows r0 <= r < r1, word (r, c) is out[offset + r * cols + c] =
- * rotr1(top << (8 ws - 8) | plane[ws - 2] << (8 ws - 16) | ... | plane[0]).
- */
-static PyObject *assemble(PyObject *self, PyObject *args) {
-    Py_buffer out, top;
-    PyObject *planes;
-    Py_ssize_t offset, rows, cols, r0, r1;
-    int by_cols, ws;
-    if (!PyArg_ParseTuple(args, "w*y*Onnniinn", &out, &top, &planes, &offset, &rows, &cols, &by_cols, &ws, &r0,
-                          &r1))
-        return NULL;
-    PyObject *seq = NULL;
-    Py_buffer pbuf[3];
-    Py_ssize_t got = 0;
-    const char *err = NULL;
-    if (ws != 2 && ws != 4) { err = "word size must be 2 or 4"; goto done; }
-    seq = PySequence_Fast(planes, "planes must be a sequence of buffers");
-    if (!seq) goto done;
-    if (PySequence_Fast_GET_SIZE(seq) != ws - 1) { err = "need word_size - 1 planes"; goto done; }
-    for (got = 0; got < ws - 1; got++)
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &pbuf[got], PyBUF_SIMPLE) < 0) goto done;
-    const Py_ssize_t n = out.len / ws;
-    if (out.len % ws || rows < 0 || cols < 0 || offset < 0 || offset > n || (cols && rows > (n - offset) / cols) ||
-        top.len != rows * cols || r0 < 0 || r1 < r0 || r1 > rows) {
-        err = "assemble: inconsistent sizes";
-        goto done;
-    }
-    for (Py_ssize_t k = 0; k < ws - 1; k++)
-        if (pbuf[k].len != n) { err = "a byte plane does not match the section length"; goto done; }
-
-    const uint8_t *t8 = (const uint8_t *)top.buf;
-    const uint8_t *a = (const uint8_t *)pbuf[0].buf + offset;
-    const uint8_t *b = ws == 4 ? (const uint8_t *)pbuf[1].buf + offset : NULL;
-    const uint8_t *c2 = ws == 4 ? (const uint8_t *)pbuf[2].buf + offset : NULL;
-    uint16_t *o2 = (uint16_t *)out.buf + offset;
-    uint32_t *o4 = (uint32_t *)out.buf + offset;
-    Py_BEGIN_ALLOW_THREADS
-#define W2(i, tv) do { uint16_t w = (uint16_t)((tv) << 8 | a[i]); o2[i] = (uint16_t)(w >> 1 | w << 15); } while (0)
-#define W4(i, tv) do { uint32_t w = (uint32_t)(tv) << 24 | (uint32_t)c2[i] << 16 | (uint32_t)b[i] << 8 | a[i]; \
-                       o4[i] = w >> 1 | w << 31; } while (0)
-#define LOOP(W)                                                                                                   \
-    if (!by_cols) {                                                                                               \
-        for (Py_ssize_t i = r0 * cols; i < r1 * cols; i++) W(i, t8[i]);                                           \
-    } else { /* blocked transpose; each tile's lines are copied out first: they lie `rows` bytes apart, which */ \
-             /* maps them all to a few cache sets when rows is a multiple of 4096 (49152 for a vocabulary) */     \
-        uint8_t tile[TILE * TR];                                                                                  \
-        for (Py_ssize_t rt = r0; rt < r1; rt += TR)                                                                \
-            for (Py_ssize_t ct = 0; ct < cols; ct += TILE) {                                                      \
-                const Py_ssize_t re = rt + TR < r1 ? rt + TR : r1, ce = ct + TILE < cols ? ct + TILE : cols;      \
-                for (Py_ssize_t c = ct; c < ce; c++) memcpy(tile + (c - ct) * TR, t8 + c * rows + rt, re - rt);    \
-                if (FAST_TILE(re - rt, ce - ct)) {                                                                \
-                    tile2_sse(tile, a, o2, rt, ct, cols);                                                         \
-                    continue;                                                                                     \
-                }                                                                                                 \
-                for (Py_ssize_t r = rt; r < re; r++)                                                              \
-                    for (Py_ssize_t c = ct; c < ce; c++) W(r * cols + c, tile[(c - ct) * TR + (r - rt)]);         \
-            }                                                                                                     \
-    }
-    if (ws == 2) {
-#define FAST_TILE(nr, nc) (HAVE_SSE2 && (nr) == TR && (nc) == TILE)
-        LOOP(W2)
-#undef FAST_TILE
-    } else {
-#define FAST_TILE(nr, nc) 0
-        LOOP(W4)
-#undef FAST_TILE
-    }
-#undef LOOP
-#undef W2
-#undef W4
-    Py_END_ALLOW_THREADS
-done:
-    for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&pbuf[k]);
-    Py_XDECREF(seq);
-    PyBuffer_Release(&out); PyBuffer_Release(&top);
-    if (err) PyErr_SetString(PyExc_ValueError, err);
-    if (err || PyErr_Occurred()) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -325,8 +362,8 @@ static PyObject *crc32(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"unpack", unpack, METH_VARARGS, "Symbol streams + bases + escapes -> a piece's top bytes (line-major)."},
-    {"assemble", assemble, METH_VARARGS, "A piece's top bytes + the low byte planes -> its words."},
+    {"decode", decode, METH_VARARGS, "A piece's symbol streams + bases + escapes + the low byte planes -> its words."},
+    {"triangle", triangle, METH_VARARGS, "A packed triangle -> its k x k block of words, zeros included."},
     {"crc32", crc32, METH_VARARGS, "zlib.crc32(data, value), with carry-less multiplies where the CPU has them."},
     {NULL, NULL, 0, NULL},
 };

@@ -14,12 +14,16 @@ from bbformat.codecs import entropy
 compiled = pytest.mark.skipif(not kernels.COMPILED, reason="bbformat._kernels was not built")
 
 
-def unpack_case(rng, n_lines: int, line_len: int, k: int, nibbles: bool, escape_rate: float):
+def piece_case(rng, rows: int, cols: int, by_cols: bool, k: int, nibbles: bool, escape_rate: float):
+    """Random classes (non-decreasing for columns), bases, symbol streams and escapes for one piece."""
+    n_lines = cols if by_cols else rows
     classes = rng.integers(0, k, n_lines).astype(np.uint8)
+    if by_cols:
+        classes.sort()
     bases = rng.integers(0, 256, n_lines).astype(np.uint8)
     streams, escapes = [], []
     for c in range(k):
-        m = int((classes == c).sum()) * line_len
+        m = int((classes == c).sum()) * (rows if by_cols else cols)
         if nibbles:
             sym = rng.integers(0, 15, m).astype(np.uint8)
             sym[rng.random(m) < escape_rate] = kernels.ESCAPE
@@ -33,64 +37,100 @@ def unpack_case(rng, n_lines: int, line_len: int, k: int, nibbles: bool, escape_
     return classes, bases, streams, escapes
 
 
-@compiled
-@pytest.mark.parametrize("nibbles", [True, False])
-@pytest.mark.parametrize("shape", [(7, 33), (40, 64), (3, 1), (1, 101), (16, 95)])
-def test_unpack_matches_reference(nibbles, shape):
-    rng = np.random.default_rng(sum(shape) + nibbles)
-    n_lines, line_len = shape
-    classes, bases, streams, escapes = unpack_case(rng, n_lines, line_len, 3, nibbles, 0.05)
-    shift = 0 if nibbles else 3
-    tops = []
-    for fn in (kernels.unpack_numpy, kernels._kernels.unpack):
-        top = np.full(n_lines * line_len, 0xAA, np.uint8)
-        for c in range(3):
-            used = fn(top, line_len, classes, bases, shift, int(nibbles), c, streams[c], escapes[c])
-            assert used == len(escapes[c])
-        tops.append(top)
-    np.testing.assert_array_equal(tops[0], tops[1])
-
-
-@compiled
-def test_unpack_rejects_bad_input_like_the_reference():
-    rng = np.random.default_rng(1)
-    classes, bases, streams, escapes = unpack_case(rng, 9, 40, 2, True, 0.1)
-    assert len(escapes[0]) > 0
-    for fn in (kernels.unpack_numpy, kernels._kernels.unpack):
-        top = np.zeros(9 * 40, np.uint8)
-        with pytest.raises(ValueError, match="escape stream is too short"):
-            fn(top, 40, classes, bases, 0, 1, 0, streams[0], escapes[0][:-1])
-        with pytest.raises(ValueError, match="length does not match"):
-            fn(top, 40, classes, bases, 0, 1, 0, streams[0][:-1], escapes[0])
-        with pytest.raises(ValueError, match="inconsistent sizes"):
-            fn(top[:-1], 40, classes, bases, 0, 1, 0, streams[0], escapes[0])
+def run_decode(fn, n, ws, offset, rows, cols, by_cols, case, planes, shift, nibbles):
+    out = np.full(n, 0xAAAA, np.uint16 if ws == 2 else np.uint32)
+    classes, bases, streams, escapes = case
+    fn(out, planes, offset, rows, cols, int(by_cols), classes, bases, shift, int(nibbles), streams, escapes)
+    return out
 
 
 @compiled
 @pytest.mark.parametrize("ws", [2, 4])
 @pytest.mark.parametrize("by_cols", [False, True])
-def test_assemble_matches_reference(ws, by_cols):
-    rng = np.random.default_rng(ws + 2 * by_cols)
-    n, offset, rows, cols = 5000, 123, 70, 65  # 70 x 65 spans two transpose tiles each way
+@pytest.mark.parametrize("nibbles", [True, False])
+@pytest.mark.parametrize("shape", [(7, 33), (40, 64), (3, 1), (1, 101), (16, 95), (70, 130)])
+def test_decode_matches_reference(ws, by_cols, nibbles, shape):
+    rows, cols = shape
+    rng = np.random.default_rng(rows * cols + 2 * by_cols + nibbles + ws)
+    k = 1 if (cols if by_cols else rows) == 1 else 3
+    case = piece_case(rng, rows, cols, by_cols, k, nibbles, 0.05)
+    n, offset = rows * cols + 150, 77
     planes = [rng.integers(0, 256, n).astype(np.uint8) for _ in range(ws - 1)]
-    top = rng.integers(0, 256, rows * cols).astype(np.uint8)
+    shift = 0 if nibbles else 3
+    ref, fast = (run_decode(fn, n, ws, offset, rows, cols, by_cols, case, planes, shift, nibbles)
+                 for fn in (kernels.decode_numpy, kernels._kernels.decode))
+    np.testing.assert_array_equal(ref, fast)
+    assert (fast[:offset] == 0xAAAA).all() and (fast[offset + rows * cols:] == 0xAAAA).all()  # nothing outside
+    # one word against the definition: rotr1(top << (8 ws - 8) | low planes), top = residual + (base << shift)
+    classes, bases, streams, escapes = case
+    y, x = rows - 1, cols - 1
+    line, t = (x, y) if by_cols else (y, x)
+    c = classes[line]
+    mates = np.flatnonzero(classes == c)
+    width = mates.size if by_cols else cols
+    pos = y * width + (x - mates[0]) if by_cols else int(np.searchsorted(mates, y)) * cols + x
+    sym = (streams[c][pos >> 1] >> (4 * (pos & 1))) & 15 if nibbles else streams[c][pos]
+    if nibbles and sym == kernels.ESCAPE:
+        top = escapes[c][-1]  # the last element of its stream in order, so its last escape
+    else:
+        top = (int(sym) + (int(bases[line]) << shift)) & 255
+    word = top << (8 * ws - 8)
+    for j, p in enumerate(planes):
+        word |= int(p[offset + y * cols + x]) << (8 * j)
+    assert int(fast[offset + y * cols + x]) == (word >> 1) | ((word & 1) << (8 * ws - 1))
+
+
+@compiled
+@pytest.mark.parametrize("fn", ["decode_numpy", "c"])
+def test_decode_rejects_bad_input(fn):
+    fn = kernels.decode_numpy if fn == "decode_numpy" else kernels._kernels.decode
+    rng = np.random.default_rng(1)
+    classes, bases, streams, escapes = piece_case(rng, 9, 40, False, 2, True, 0.1)
+    assert len(escapes[0]) > 0
+    planes, out = [np.zeros(360, np.uint8)], np.zeros(360, np.uint16)
+
+    def call(**kw):
+        a = dict(out=out, planes=planes, offset=0, rows=9, cols=40, by_cols=0, classes=classes, bases=bases, shift=0,
+                 nibbles=1, streams=streams, escapes=escapes)
+        a.update(kw)
+        fn(*a.values())
+
+    call()
+    with pytest.raises(ValueError, match="escape stream is too short"):
+        call(escapes=[escapes[0][:-1], escapes[1]])
+    with pytest.raises(ValueError, match="used .* escapes, the header declares"):
+        call(escapes=[np.append(escapes[0], np.uint8(1)), escapes[1]])
+    with pytest.raises(ValueError, match="length does not match"):
+        call(streams=[streams[0][:-1], streams[1]])
+    with pytest.raises(ValueError, match="inconsistent sizes"):
+        call(offset=1)
+    with pytest.raises(ValueError, match="class count"):
+        call(streams=streams[:1], escapes=escapes[:1])
+    with pytest.raises(ValueError, match="decrease"):
+        cols = np.array([1] * 20 + [0] * 20, np.uint8)
+        call(rows=9, cols=40, by_cols=1, classes=cols, bases=np.zeros(40, np.uint8))
+
+
+@compiled
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("ws", [2, 4])
+def test_triangle_matches_reference(lower, ws):
+    rng = np.random.default_rng(ws + lower)
+    k, ld, offset = 37, 50, 3 * 50
+    tri = rng.integers(1, 1 << 15, k * (k + 1) // 2).astype(np.uint16 if ws == 2 else np.uint32)
     outs = []
-    for fn in (kernels.assemble_numpy, kernels._kernels.assemble):
-        out = np.zeros(n, np.uint16 if ws == 2 else np.uint32)
-        for r0, r1 in ((0, 17), (17, 64), (64, 70)):
-            fn(out, top, planes, offset, rows, cols, int(by_cols), ws, r0, r1)
+    for fn in (kernels.triangle_numpy, kernels._kernels.triangle):
+        out = np.full(offset + k * ld, 7, tri.dtype)
+        fn(out, offset, ld, k, int(lower), tri)
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
-    # spot-check one word against the definition: rotr1(top << (8 ws - 8) | low planes)
-    grid = top.reshape(cols, rows).T if by_cols else top.reshape(rows, cols)
-    r, c = 31, 64
-    word = int(grid[r, c]) << (8 * ws - 8)
-    for k, p in enumerate(planes):
-        word |= int(p[offset + r * cols + c]) << (8 * k)
-    bits = 8 * ws
-    assert int(outs[1][offset + r * cols + c]) == (word >> 1) | ((word & 1) << (bits - 1))
-    with pytest.raises(ValueError):
-        kernels._kernels.assemble(outs[1], top, planes, n - 10, rows, cols, int(by_cols), ws, 0, rows)
+    block = outs[1][offset:].reshape(k, ld)[:, :k]
+    expect = np.zeros((k, k), tri.dtype)
+    expect[np.tril_indices(k) if lower else np.triu_indices(k)] = tri
+    np.testing.assert_array_equal(block, expect)
+    assert (outs[1].reshape(-1, ld)[3:, k:] == 7).all()  # the columns right of the block are untouched
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels._kernels.triangle(outs[1], offset + ld - k + 1, ld, k, int(lower), tri)  # one word too far
 
 
 @compiled
@@ -108,8 +148,7 @@ def test_crc32_matches_zlib():
 
 def test_entropy_roundtrip_with_the_reference_kernels(monkeypatch):
     """The numpy path (used when the C module is not built) decodes what the encoder wrote."""
-    monkeypatch.setattr(kernels, "unpack", kernels.unpack_numpy)
-    monkeypatch.setattr(kernels, "assemble", kernels.assemble_numpy)
+    monkeypatch.setattr(kernels, "decode", kernels.decode_numpy)
     rng = np.random.default_rng(4)
     scale = np.exp(rng.normal(0, 2, (1, 96)))
     w = (rng.standard_normal((256, 96)) * scale).astype(np.float32)

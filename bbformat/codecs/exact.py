@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import kernels
 from ..errors import BBFError, FormatError, ModelError
 from ..models.arch import ModelDesc, Symmetry
 from ..words import to_words, torch_dtype, word_np_dtype
@@ -129,6 +130,12 @@ def _carrier_parts(carrier: Carrier, words: np.ndarray) -> tuple[np.ndarray, np.
     return carrier.block(words)[carrier.triangle_index()], np.concatenate(rest) if len(rest) > 1 else rest[0]
 
 
+def _fill_block(carrier: Carrier, w: np.ndarray, tri: np.ndarray) -> None:
+    """Write a carrier's k x k block into `w` (its words, contiguous) from the stored triangle, zeros included."""
+    n1 = carrier.shape[1]
+    kernels.triangle(w, carrier.start * n1 if carrier.axis == 1 else 0, n1, carrier.k, carrier.axis == 1, tri)
+
+
 def canonical_form(desc: ModelDesc, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The whole model in this codec's canonical form, in float64, before any rounding.
 
@@ -226,25 +233,24 @@ class _ExactDecoder(GroupDecoder):
     def __init__(self, codec: "ExactCodec", desc: ModelDesc, dtype: str):
         self.codec, self.desc, self.dtype = codec, desc, dtype
         self.by_tensor = {c.tensor: c for c in carriers(desc).values()}
-        self._layouts: dict[str, tuple[_Layout, dict]] = {}
+        self._layouts: dict[str, _Layout] = {}
 
-    def _layout(self, group: str) -> tuple[_Layout, dict]:
-        """The group's layout and its carriers' triangle indices, computed once."""
+    def _layout(self, group: str) -> _Layout:
+        """The group's layout, computed once."""
         if group not in self._layouts:
-            layout = _Layout(self.desc, group, self.by_tensor)
-            self._layouts[group] = layout, {n: c.triangle_index() for n, c in layout.carriers.items()}
+            self._layouts[group] = _Layout(self.desc, group, self.by_tensor)
         return self._layouts[group]
 
     def decode(self, group: str, sections: dict[str, bytes]) -> np.ndarray:
         tensors = self.decode_tensors(group, sections)
-        parts = [tensors[t.name].reshape(-1) for t in self._layout(group)[0].tensors]
+        parts = [tensors[t.name].reshape(-1) for t in self._layout(group).tensors]
         return np.concatenate(parts) if parts else np.zeros(0, word_np_dtype(self.dtype))
 
     def _inplace_carrier(self, group: str) -> Carrier | None:
         """The carrier that can be rebuilt in place: the group's only carrier, its first tensor, on axis 1 (the
         embeddings). Every later tensor then sits at its final offset when the payload is decoded behind
         k(k-1)/2 words of room (SPEC 12: its stored form is the triangle, then the rows outside the block)."""
-        layout = self._layout(group)[0]
+        layout = self._layout(group)
         if len(layout.carriers) != 1 or not layout.tensors:
             return None
         c = layout.carriers.get(layout.tensors[0].name)
@@ -257,7 +263,7 @@ class _ExactDecoder(GroupDecoder):
     def decode_tensors(self, group: str, sections: dict[str, bytes],
                        rooms: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Every tensor but a carrier is a view of the payload; a carrier gets its structural zeros back."""
-        layout, triangles = self._layout(group)
+        layout = self._layout(group)
         kind = self.codec.sections_for(group)[0]
         wd = word_np_dtype(self.dtype)
         data = sections.get(kind)
@@ -273,7 +279,7 @@ class _ExactDecoder(GroupDecoder):
         room = (rooms or {}).get(kind)
         c0 = self._inplace_carrier(group)
         if room is not None and c0 is not None and room.size == layout.numel and room.dtype == wd:
-            return self._rebuild_in_place(layout, c0, triangles[c0.tensor], room)
+            return self._rebuild_in_place(layout, c0, room)
         out, src = {}, 0
         for t in layout.tensors:
             c = layout.carriers.get(t.name)
@@ -282,10 +288,8 @@ class _ExactDecoder(GroupDecoder):
                 src += t.numel
                 continue
             w = out[t.name] = np.empty(t.shape, wd)
-            block = c.block(w)
-            block[...] = 0  # structural zeros are the zero word
             ntri = c.k * (c.k + 1) // 2
-            block[triangles[t.name]] = payload[src:src + ntri]
+            _fill_block(c, w, payload[src:src + ntri])  # structural zeros are the zero word
             src += ntri
             for part in c.rest(w):
                 part[...] = payload[src:src + part.size].reshape(part.shape)
@@ -293,7 +297,7 @@ class _ExactDecoder(GroupDecoder):
         return out
 
     @staticmethod
-    def _rebuild_in_place(layout: _Layout, c: Carrier, triangle: tuple, buf: np.ndarray) -> dict[str, np.ndarray]:
+    def _rebuild_in_place(layout: _Layout, c: Carrier, buf: np.ndarray) -> dict[str, np.ndarray]:
         """buf = [k(k-1)/2 words of room | triangle | W[:s] | W[s+k:] | later tensors] -> the final words.
 
         W[s+k:] and the later tensors are already where they belong; W[:s] moves to the front (in chunks no
@@ -304,9 +308,7 @@ class _ExactDecoder(GroupDecoder):
         for a in range(0, length, src):
             b = min(length, a + src)
             buf[a:b] = buf[src + a: src + b]
-        block = buf[s * cols: s * cols + k * k].reshape(k, k)
-        block[...] = 0
-        block[triangle] = tri
+        kernels.triangle(buf, s * cols, cols, k, True, tri)
         out, off = {}, 0
         for t in layout.tensors:
             out[t.name] = buf[off: off + t.numel].reshape(t.shape)

@@ -113,10 +113,14 @@ class BBFReader:
                 futures[i] = None  # drop the reference so memory stays bounded
                 yield g, tensors
 
-    def load_all(self) -> dict[str, torch.Tensor]:
+    def load_all(self, workers: int | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor, decoded. All groups are in flight at once, largest first, so the cores stay busy."""
+        groups = sorted(self.model.groups(), key=lambda g: -sum(r.raw_len for r in self._by_group[g].values()))
+        workers = workers or min(2, os.cpu_count() or 1)
         out: dict[str, torch.Tensor] = {}
-        for _, tensors in self.stream():
-            out.update(tensors)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-read") as pool:
+            for tensors in pool.map(self._decode_group, groups):
+                out.update(tensors)
         return {t.name: out[t.name] for t in self.model.tensors()}
 
     def aux(self, name: str) -> bytes:
