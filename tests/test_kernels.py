@@ -139,7 +139,7 @@ def test_crc32_matches_zlib():
         pytest.skip("no carry-less multiply on this CPU: bbformat uses zlib")
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, 1 << 16).astype(np.uint8).tobytes()
-    for n in list(range(0, 200)) + [1000, 4097, len(data)]:
+    for n in list(range(0, 200)) + [255, 256, 257, 271, 512, 1000, 4097, len(data)]:  # 128- and 512-bit folds
         for start in (0, 3):
             chunk = memoryview(data)[start:start + n]
             assert kernels._kernels.crc32(chunk) == zlib.crc32(chunk)
