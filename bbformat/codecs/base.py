@@ -72,13 +72,14 @@ class GroupDecoder:
         """Raw section payloads by kind -> the group's decoded word sequence."""
         raise NotImplementedError
 
-    def decode_tensors(self, group: str, sections: dict[str, bytes],
-                       rooms: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def decode_tensors(self, group: str, sections: dict[str, bytes], rooms: dict[str, np.ndarray] | None = None,
+                       alloc=None) -> dict[str, np.ndarray]:
         """Raw section payloads by kind -> name -> the tensor's words, in its shape (the reader's entry point).
 
         The default splits `decode`'s sequence; a codec may override it to hand out views of the payload instead
         of copying it into one sequence first. `rooms[kind]`, when present, is a word array whose last words are
-        that section's payload, preceded by the `payload_room` words the decoder asked for."""
+        that section's payload, preceded by the `payload_room` words the decoder asked for. `alloc(nbytes)`, when
+        given, supplies the memory (a writable uint8 array) of any new tensor."""
         return split_group(self.desc, group, self.decode(group, sections))
 
     def payload_room(self, group: str, kind: str) -> int:
@@ -142,6 +143,11 @@ def get_codec(codec_id: str, params: dict[str, Any] | None = None) -> Codec:
 
 def codec_ids() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def new_bytes(nbytes: int) -> np.ndarray:
+    """A new uint8 array: the default `alloc` of decode_tensors."""
+    return np.empty(nbytes, np.uint8)
 
 
 def group_words(desc: ModelDesc, group: str, tensors: dict[str, np.ndarray]) -> np.ndarray:

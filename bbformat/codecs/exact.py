@@ -28,7 +28,8 @@ from .. import kernels
 from ..errors import BBFError, FormatError, ModelError
 from ..models.arch import ModelDesc, Symmetry
 from ..words import to_words, torch_dtype, word_np_dtype
-from .base import Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, Segment, register_codec
+from .base import (Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, Segment, new_bytes,
+                   register_codec)
 from .canonical import StreamingRotator
 
 # Carrier candidates per kind of symmetry, by role, best first; the first eligible one (see `carriers`) is the
@@ -260,8 +261,8 @@ class _ExactDecoder(GroupDecoder):
         c = self._inplace_carrier(group)
         return c.zeros if c is not None and kind == self.codec.sections_for(group)[0] else 0
 
-    def decode_tensors(self, group: str, sections: dict[str, bytes],
-                       rooms: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def decode_tensors(self, group: str, sections: dict[str, bytes], rooms: dict[str, np.ndarray] | None = None,
+                       alloc=None) -> dict[str, np.ndarray]:
         """Every tensor but a carrier is a view of the payload; a carrier gets its structural zeros back."""
         layout = self._layout(group)
         kind = self.codec.sections_for(group)[0]
@@ -287,7 +288,7 @@ class _ExactDecoder(GroupDecoder):
                 out[t.name] = payload[src:src + t.numel].reshape(t.shape)
                 src += t.numel
                 continue
-            w = out[t.name] = np.empty(t.shape, wd)
+            w = out[t.name] = (alloc or new_bytes)(t.numel * wd.itemsize).view(wd).reshape(t.shape)
             ntri = c.k * (c.k + 1) // 2
             _fill_block(c, w, payload[src:src + ntri])  # structural zeros are the zero word
             src += ntri

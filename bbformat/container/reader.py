@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..codecs import entropy, get_codec
+from ..codecs.base import new_bytes
 from ..errors import ChecksumError, FormatError, TruncatedError, VersionError
 from ..models.arch import ModelDesc
 from ..words import from_words, word_np_dtype
@@ -117,9 +118,9 @@ class BBFReader:
         """Every tensor, decoded. All groups are in flight at once, largest first, so the cores stay busy."""
         groups = sorted(self.model.groups(), key=lambda g: -sum(r.raw_len for r in self._by_group[g].values()))
         workers = workers or min(2, os.cpu_count() or 1)
-        out: dict[str, torch.Tensor] = {}
+        arena, out = _Arena(), {}
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-read") as pool:
-            for tensors in pool.map(self._decode_group, groups):
+            for tensors in pool.map(lambda g: self._decode_group(g, arena), groups):
                 out.update(tensors)
         return {t.name: out[t.name] for t in self.model.tensors()}
 
@@ -207,21 +208,46 @@ class BBFReader:
                                   f"{self.codec.id!r} needs {sorted(want)}")
         return by_group
 
-    def _decode_group(self, group: str) -> dict[str, torch.Tensor]:
+    def _decode_group(self, group: str, alloc=None) -> dict[str, torch.Tensor]:
+        """alloc(nbytes) -> a writable uint8 array for the decoded words (default: a new array per section)."""
         raw, rooms = {}, {}
         for kind, rec in self._by_group[group].items():
             room = self._decoder.payload_room(group, kind) if rec.word_size > 1 else 0
             if room > 0:  # decode behind the room the codec asked for, so it can rebuild its tensors in place
-                buf = rooms[kind] = np.empty(room + rec.raw_len // rec.word_size, word_np_dtype(self.dtype))
+                nbytes = (room + rec.raw_len // rec.word_size) * rec.word_size
+                buf = rooms[kind] = (alloc or new_bytes)(nbytes).view(word_np_dtype(self.dtype))
                 raw[kind] = self.read_section(rec, buf.view(np.uint8)[room * rec.word_size:])
+            elif alloc is not None and rec.word_size > 1 and rec.raw_len:
+                raw[kind] = self.read_section(rec, alloc(rec.raw_len))
             else:
                 raw[kind] = self.read_section(rec)
         try:
-            parts = self._decoder.decode_tensors(group, raw, rooms)  # shapes == the checked tensor table's
+            parts = self._decoder.decode_tensors(group, raw, rooms, alloc)  # shapes == the checked tensor table's
         except FormatError as e:
             rec = next(iter(self._by_group[group].values()))
             raise FormatError(f"{rec.label}: {e}") from None
         return {name: from_words(w, self.dtype) for name, w in parts.items()}
+
+
+class _Arena:
+    """Memory for a whole model's words: large blocks carved into 64-byte aligned slices. Fresh memory costs a page
+    fault per page touched, and section-sized arrays (a few MB each) cost twice as much per byte as one large block
+    (measured: 46 ms against 24 ms for 260 MB). A block is freed with the last tensor that uses it."""
+
+    BLOCK = 1 << 28
+
+    def __init__(self):
+        self.block, self.pos, self.lock = np.empty(0, np.uint8), 0, threading.Lock()
+
+    def __call__(self, nbytes: int) -> np.ndarray:
+        if nbytes > self.BLOCK // 2:
+            return np.empty(nbytes, np.uint8)
+        with self.lock:
+            if self.pos + nbytes > self.block.size:  # the rest of the old block was never touched: it costs nothing
+                self.block, self.pos = np.empty(self.BLOCK, np.uint8), 0
+            a = self.block[self.pos:self.pos + nbytes]
+            self.pos = (self.pos + nbytes + 63) & ~63
+        return a
 
 
 def open(url: str, storage_options: dict | None = None, **kwargs: Any) -> BBFReader:  # noqa: A001
