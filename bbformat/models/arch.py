@@ -205,6 +205,21 @@ class ModelDesc:
 
     def tensors(self) -> list[TensorInfo]:
         """Every tensor of the SliceGPT layout, in file (push) order."""
+        return list(self._layout()[0])
+
+    def _layout(self) -> tuple[tuple[TensorInfo, ...], dict[str, list[TensorInfo]]]:
+        """(tensors, group -> its tensors), computed once: a reader asks for them once per group."""
+        cached = self.__dict__.get("_cached_layout")
+        if cached is None:
+            ts = tuple(self._build_tensors())
+            by_group: dict[str, list[TensorInfo]] = {g: [] for g in self.groups()}
+            for t in ts:
+                by_group[t.group].append(t)
+            cached = (ts, by_group)
+            object.__setattr__(self, "_cached_layout", cached)  # frozen: the fields never change
+        return cached
+
+    def _build_tensors(self) -> list[TensorInfo]:
         out = [TensorInfo(self.prefix + "embed_tokens.weight", (self.vocab_size, self.embedding_dims[0]), "embed")]
         if self.family == "opt":
             # OPT's learned positions carry an offset of 2 rows
@@ -228,7 +243,7 @@ class ModelDesc:
         return ["embed"] + [f"layer.{i}" for i in range(self.num_layers)] + ["head"]
 
     def group_tensors(self, group: str) -> list[TensorInfo]:
-        return [t for t in self.tensors() if t.group == group]
+        return list(self._layout()[1].get(group, ()))
 
     # ---- symmetries ---------------------------------------------------------------------------------
     def symmetries(self) -> list[Symmetry]:
