@@ -12,6 +12,6 @@ from .errors import (  # noqa: F401
     UnknownCodecError, VersionError,
 )
 from .models.arch import ModelDesc  # noqa: F401,E402
-from .container.reader import BBFReader, load, open  # noqa: F401,E402,A004
+from .container.reader import BBFReader, load, loads, open  # noqa: F401,E402,A004
 from .container.writer import BBFWriter, save  # noqa: F401,E402
 from .models.loader import load_model, load_pretrained  # noqa: F401,E402

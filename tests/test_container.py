@@ -289,3 +289,21 @@ def test_s3_round_trip(model, s3):
 def test_footer_struct_sizes():
     assert (layout.PREAMBLE.size, FOOTER.size, RECORD.size) == (16, 56, 48)
     assert struct.calcsize("<Q") == 8
+
+
+@pytest.mark.parametrize("codec", ["raw", "exact"])
+def test_loads_reads_a_file_held_in_memory(model, tmp_path, codec):
+    """bbformat.loads(bytes) gives the tensors bbformat.load(path) gives, and they do not alias the buffer."""
+    desc, tensors = model
+    path = tmp_path / "m.bbf"
+    bbformat.save(tensors, str(path), model=desc, codec=codec, dtype="bfloat16")
+    data = bytearray(path.read_bytes())
+    got, want = bbformat.loads(data), bbformat.load(str(path))
+    assert list(got) == list(want) == [t.name for t in desc.tensors()]
+    for name in want:
+        assert torch.equal(got[name].view(torch.int16), want[name].view(torch.int16)), name
+    data[:] = bytes(len(data))  # overwrite the buffer: the decoded tensors must not change
+    for name in want:
+        assert torch.equal(got[name].view(torch.int16), want[name].view(torch.int16)), name
+    with pytest.raises(bbformat.BBFError):
+        bbformat.loads(bytes(data[:100]))

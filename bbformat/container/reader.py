@@ -27,13 +27,14 @@ from ..words import from_words, word_np_dtype
 from .header import check_tensor_table, parse_header
 from .layout import (FOOTER, MAJOR, PREAMBLE, RECORD, SUFFIX_GUESS, Footer, SectionRecord, check_preamble, crc32,
                      parse_index)
-from .store import Store
+from .store import BufferStore, Store
 
 
 class BBFReader:
-    def __init__(self, url: str, storage_options: dict | None = None, cache_groups: int = 1):
-        self.url = str(url)
-        self.store = Store(self.url, storage_options)
+    def __init__(self, url: str, storage_options: dict | None = None, cache_groups: int = 1, *,
+                 store: Store | BufferStore | None = None):
+        self.store = store or Store(str(url), storage_options)
+        self.url = self.store.url
         size = self.store.size
         if size < PREAMBLE.size + FOOTER.size:
             raise TruncatedError(f"{self.url}: {size} bytes is too short for a .bbf file")
@@ -261,4 +262,11 @@ def load(url: str, storage_options: dict | None = None) -> dict[str, torch.Tenso
         return f.load_all()
 
 
-__all__ = ["BBFReader", "open", "load"]
+def loads(data) -> dict[str, torch.Tensor]:
+    """Every tensor (decoded) of a .bbf file held in memory (bytes, bytearray, memoryview, mmap), like safetensors'
+    load(bytes). The tensors own their memory: `data` can be dropped afterwards."""
+    with BBFReader("<bytes>", store=BufferStore(data)) as f:
+        return f.load_all()
+
+
+__all__ = ["BBFReader", "open", "load", "loads"]

@@ -104,6 +104,33 @@ class Store:
             raise
 
 
+class BufferStore:
+    """A whole .bbf file already in memory (bytes, bytearray, memoryview, mmap): reads are views, never copies."""
+
+    def __init__(self, data, name: str = "<bytes>"):
+        self.url = name
+        try:
+            self._buf = memoryview(data).cast("B")
+        except TypeError as e:
+            raise BBFError(f"cannot read a .bbf from a {type(data).__name__}: {e}") from None
+        self.size = len(self._buf)
+        self.bytes_read = 0
+        self.requests = 0
+
+    def view(self, start: int, end: int) -> memoryview:
+        if not 0 <= start <= end <= self.size:
+            raise TruncatedError(f"read of bytes {start}..{end} is outside the buffer ({self.size} bytes)")
+        self.bytes_read += end - start
+        self.requests += 1
+        return self._buf[start:end]
+
+    def read(self, start: int, end: int) -> bytes:
+        return bytes(self.view(start, end))
+
+    def close(self) -> None:
+        pass
+
+
 class AtomicSink:
     """A writable file that appears under its final name only when `commit()` is called.
 
