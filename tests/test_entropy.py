@@ -216,3 +216,27 @@ def test_bad_input_to_compress():
         entropy.compress(b"\0" * 200, 2, (Segment(0, 5, 10), Segment(40, 5, 10)), "float16")
     with pytest.raises(BBFError, match="outside"):
         entropy.compress(b"\0" * 200, 2, (Segment(90, 5, 10),), "float16")
+
+
+def test_column_ranges_are_the_best_contiguous_split():
+    """_ranges' dynamic program finds the cheapest split into k ranges of adjacent lines (brute force on 9 lines)."""
+    import itertools
+
+    rng = np.random.default_rng(7)
+    hist = rng.integers(0, 50, (9, 16)).astype(np.float64)
+    hist[4:] = np.roll(hist[4:], 5, axis=1) * 3  # two populations, so splitting pays
+    for k, labels in enumerate(entropy._ranges(hist, 4), 1):
+        assert (np.diff(labels) >= 0).all() and labels[0] == 0 and len(set(labels)) == k
+        got = sum(entropy._bits(hist[labels == c]) for c in range(k))
+        best = min(sum(entropy._bits(hist[a:b]) for a, b in zip((0,) + cut, cut + (9,)))
+                   for cut in itertools.combinations(range(1, 9), k - 1))
+        assert got == pytest.approx(best)
+
+
+def test_other_layout_versions_are_refused():
+    payload = np.arange(4096, dtype=np.uint16).tobytes()
+    method, stored = entropy.compress(payload, 2, (Segment(0, 64, 64),), "bfloat16")
+    assert method == entropy.METHOD_PLANES and stored[0] == entropy.VERSION == 3
+    for old in (1, 2, 4):
+        with pytest.raises(FormatError, match=f"version {old}"):
+            entropy.decompress(method, bytes([old]) + stored[1:], len(payload), 2, "bfloat16")

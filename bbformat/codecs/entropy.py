@@ -17,7 +17,7 @@ How method 1 models a section of float words:
 - The other planes (sign and mantissa) are near-random: zstd keeps a chunk only where it is smaller.
 - Every stream is cut into chunks, each its own zstd frame (or stored). A large section decodes on all cores.
 - Rows are grouped into classes freely; columns only into contiguous ranges, whose symbols are stored row by row.
-  So every stream decodes straight into its words, in one pass, without a transpose (3x faster than version 2).
+  So every piece decodes straight into its words, row by row in one pass, without a transpose.
 - That inner loop (symbols + bases + escapes + low planes -> words) is compiled (`bbformat/_kernels.c`), with a
   numpy reference in `bbformat/kernels.py`.
 Word size 1 (an opaque payload) is one byte stream, chunked the same way.
@@ -85,11 +85,12 @@ def compress(payload: bytes, word_size: int, segments: Sequence[Segment], dtype:
 
 
 def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: str,
-               out: np.ndarray | None = None) -> bytes | np.ndarray:
+               out: np.ndarray | None = None, threads: bool = True) -> bytes | np.ndarray:
     """Undo `compress`. Never allocates more than `raw_len` (plus bounded bookkeeping); FormatError on bad data.
 
     `out` (a writable uint8 array of raw_len bytes) receives a word payload coded with method 1 in place of a new
-    array: a codec can then rebuild its tensors around the payload without copying it."""
+    array: a codec can then rebuild its tensors around the payload without copying it. `threads=False` keeps a
+    large section on the calling thread (for a caller that already decodes sections in parallel)."""
     _check_kind(word_size, dtype, FormatError)
     if raw_len < 0 or raw_len % word_size:
         raise FormatError(f"section raw length {raw_len} is not a whole number of {word_size}-byte words")
@@ -102,10 +103,10 @@ def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: 
     if raw_len == 0:
         raise FormatError("an empty section must be stored with method 0")
     if word_size == 1:
-        return _decode_bytes(memoryview(stored), raw_len)
+        return _decode_bytes(memoryview(stored), raw_len, threads)
     if out is not None and (out.dtype != np.uint8 or out.size != raw_len or not out.flags.writeable):
         raise BBFError(f"decompress: `out` must be a writable uint8 array of {raw_len} bytes")
-    return _decode_words(memoryview(stored), raw_len // word_size, word_size, dtype, out)
+    return _decode_words(memoryview(stored), raw_len // word_size, word_size, dtype, out, threads)
 
 
 def _check_kind(word_size: int, dtype: str, error: type[BBFError]) -> None:
@@ -140,6 +141,9 @@ class _Reader:
 
     def varint(self, limit: int, what: str, detail: str = "") -> int:
         buf, pos, v, shift = self.buf, self.pos, 0, 0
+        if pos < len(buf) and buf[pos] < 0x80 and buf[pos] <= limit:  # one byte: most of a header's varints
+            self.pos = pos + 1
+            return buf[pos]
         while True:
             if pos >= len(buf):
                 raise FormatError("entropy header is truncated")
@@ -202,6 +206,7 @@ def _encode_stream(out_dir: bytearray, data_parts: list, stream: np.ndarray | by
 class _StreamRef:
     raw_len: int
     chunks: list  # (raw_start, raw_len, stored_start, stored_len, is_zstd)
+    stored: bool = False  # every chunk is stored as is: the stream is a view of the stored bytes
 
 
 def _read_stream(r: _Reader, limit: int, chunk: int, data_pos: list, what: str) -> _StreamRef:
@@ -216,7 +221,7 @@ def _read_stream(r: _Reader, limit: int, chunk: int, data_pos: list, what: str) 
         chunks.append((start, n, data_pos[0], size, is_zstd))
         data_pos[0] += size
         start += n
-    return _StreamRef(raw_len, chunks)
+    return _StreamRef(raw_len, chunks, bool(chunks) and not any(c[4] for c in chunks))
 
 
 def _chunk_bytes(data: memoryview, base: int, ref: tuple, what: str) -> np.ndarray:
@@ -263,14 +268,10 @@ def _decode_chunk(data: memoryview, base: int, ref: tuple, out: np.ndarray, what
         raise FormatError(f"{what}: zstd chunk decoded to {'more than ' if rest else ''}{got} bytes, expected {n}")
 
 
-def _stored_whole(ref: _StreamRef) -> bool:
-    return bool(ref.chunks) and all(not c[4] for c in ref.chunks)
-
-
 def _stream_array(data: memoryview, base: int, ref: _StreamRef, tasks: list, what: str, alloc=None) -> np.ndarray:
     """The stream's bytes: a view into `data` when every chunk is stored, else a buffer (from `alloc`) filled by
     `tasks`."""
-    if _stored_whole(ref):
+    if ref.stored:
         s0 = ref.chunks[0][2]
         return np.frombuffer(data[base + s0: base + s0 + ref.raw_len], np.uint8)
     out = alloc(ref.raw_len) if alloc else np.empty(ref.raw_len, np.uint8)
@@ -306,7 +307,7 @@ def _encode_bytes(payload: bytes, level: int) -> bytes:
     return bytes(head) + b"".join(parts)
 
 
-def _decode_bytes(stored: memoryview, raw_len: int) -> bytes:
+def _decode_bytes(stored: memoryview, raw_len: int, threads: bool = True) -> bytes:
     r, chunk = _read_prefix(stored, allowed_flags=0)
     pos = [0]
     ref = _read_stream(r, raw_len, chunk, pos, "byte stream")
@@ -315,7 +316,7 @@ def _decode_bytes(stored: memoryview, raw_len: int) -> bytes:
     _check_total(stored, r.pos, pos[0])
     tasks: list = []
     out = _stream_array(stored, r.pos, ref, tasks, "byte stream")
-    _run(tasks, raw_len >= _PARALLEL_BYTES)
+    _run(tasks, threads and raw_len >= _PARALLEL_BYTES)
     return out.tobytes()
 
 
@@ -561,7 +562,8 @@ def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, le
     return bytes(head) + b"".join(parts)
 
 
-def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndarray | None = None) -> np.ndarray:
+def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndarray | None = None,
+                  threads: bool = True) -> np.ndarray:
     r, chunk = _read_prefix(stored, allowed_flags=FLAG_NIBBLES)
     nibbles = bool(stored[1] & FLAG_NIBBLES)
     shift = _exp_shift(dtype)
@@ -607,16 +609,16 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndar
 
     # Work memory (the decoded streams) comes from a pool: fresh memory costs a fault per page.
     all_refs = [base_ref, class_ref, *(ref for refs in sym_refs for ref in refs), esc_ref, *plane_refs]
-    area = _SCRATCH.take(sum(ref.raw_len for ref in all_refs if not _stored_whole(ref)))
+    area = _SCRATCH.take(sum(ref.raw_len for ref in all_refs if not ref.stored))
     try:
         return _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref, class_ref, sym_refs,
-                               esc_ref, plane_refs, dest)
+                               esc_ref, plane_refs, dest, threads and n * ws >= _PARALLEL_BYTES)
     finally:
         _SCRATCH.give(area)
 
 
 def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref, class_ref, sym_refs, esc_ref,
-                    plane_refs, dest: np.ndarray | None) -> np.ndarray:
+                    plane_refs, dest: np.ndarray | None, parallel: bool) -> np.ndarray:
     used = [0]
 
     def alloc(k: int) -> np.ndarray:
@@ -624,7 +626,6 @@ def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref
         return area[used[0] - k:used[0]]
 
     # 1. zstd: every stream's chunks (on all cores for a large section); stored chunks are views, not copies
-    parallel = n * ws >= _PARALLEL_BYTES
     tasks: list = []
     bases = _stream_array(stored, data0, base_ref, tasks, "base stream", alloc)
     classes = _stream_array(stored, data0, class_ref, tasks, "class stream", alloc)
