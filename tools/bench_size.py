@@ -21,6 +21,7 @@ interleaving keeps the ratios between formats fair.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -41,12 +42,16 @@ THREADS = os.cpu_count() or 2
 
 
 def interleaved_best(fns: dict, repeat: int) -> dict:
-    """name -> best time of fn(), over `repeat` rounds that each run every fn once (one warm-up round first)."""
+    """name -> best time of fn(), over `repeat` rounds that each run every fn once (one warm-up round first).
+
+    Odd rounds run the fns in reverse order, so that no format always follows the same one (a slow decoder's
+    memory churn and threads otherwise weigh on whatever runs next); garbage is collected between calls."""
     best = {k: float("inf") for k in fns}
     for r in range(repeat + 1):
-        for k, fn in fns.items():
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            gc.collect()
             t0 = time.perf_counter()
-            out = fn()
+            out = fns[k]()
             if r:
                 best[k] = min(best[k], time.perf_counter() - t0)
             del out
