@@ -224,27 +224,6 @@ def _read_stream(r: _Reader, limit: int, chunk: int, data_pos: list, what: str) 
     return _StreamRef(raw_len, chunks, bool(chunks) and not any(c[4] for c in chunks))
 
 
-def _chunk_bytes(data: memoryview, base: int, ref: tuple, what: str) -> np.ndarray:
-    """One chunk's raw bytes: a view of a stored chunk, or its zstd frame decoded (never more than its size)."""
-    _, n, s0, size, is_zstd = ref
-    src = data[base + s0: base + s0 + size]
-    if not is_zstd:
-        return np.frombuffer(src, np.uint8)
-    try:
-        declared = zstd.frame_content_size(src)
-    except zstd.ZstdError:
-        declared = "no valid frame header"
-    if declared != n:
-        raise FormatError(f"{what}: zstd chunk declares {declared} bytes, expected {n}")
-    try:
-        plain = _dctx().decompress(src, max_output_size=n)
-    except zstd.ZstdError as e:
-        raise FormatError(f"{what}: corrupt zstd chunk ({e})") from None
-    if len(plain) != n:
-        raise FormatError(f"{what}: zstd chunk decoded to {len(plain)} bytes, expected {n}")
-    return np.frombuffer(plain, np.uint8)
-
-
 def _decode_chunk(data: memoryview, base: int, ref: tuple, out: np.ndarray, what: str) -> None:
     """One chunk's raw bytes into out[start:start + n]: zstd decodes straight into it (no temporary copy)."""
     start, n, s0, size, is_zstd = ref
