@@ -309,7 +309,7 @@ class _ExactDecoder(GroupDecoder):
         for a in range(0, length, src):
             b = min(length, a + src)
             buf[a:b] = buf[src + a: src + b]
-        kernels.triangle(buf, s * cols, cols, k, True, tri)
+        _fill_block(c, buf, tri)
         out, off = {}, 0
         for t in layout.tensors:
             out[t.name] = buf[off: off + t.numel].reshape(t.shape)
