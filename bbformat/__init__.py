@@ -8,10 +8,11 @@
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401
-    BBFError, ChecksumError, FormatError, ModelError, RangeNotSupportedError, TruncatedError,
-    UnknownCodecError, VersionError,
+    BBFError, ChecksumError, FormatError, ModelError, ObjectChangedError, RangeNotSupportedError, TransportError,
+    TruncatedError, UnknownCodecError, VersionError,
 )
 from .models.arch import ModelDesc  # noqa: F401,E402
+from .io.fetch import FetchOptions  # noqa: F401,E402
 from .container.reader import BBFReader, load, loads, open  # noqa: F401,E402,A004
 from .container.writer import BBFWriter, save  # noqa: F401,E402
 from .models.loader import load_model, load_pretrained  # noqa: F401,E402

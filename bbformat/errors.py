@@ -30,8 +30,17 @@ class ChecksumError(BBFError):
     """A section's bytes do not match the checksum recorded in the index."""
 
 
-class RangeNotSupportedError(BBFError):
+class TransportError(BBFError):
+    """Reading from storage failed (after retries, where the failure was transient); names the URL, the byte range
+    and the cause."""
+
+
+class RangeNotSupportedError(TransportError):
     """An HTTP server ignored a Range request (answered 200 with the whole body)."""
+
+
+class ObjectChangedError(TransportError):
+    """The remote object was replaced while it was being read (its ETag, Last-Modified or size changed)."""
 
 
 class ModelError(BBFError):

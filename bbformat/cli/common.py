@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from ..errors import BBFError
+from ..io.fetch import FetchOptions
 
 
 def run_cli(fn: Callable[[], int], prog: str) -> int:
@@ -28,10 +29,26 @@ def run_cli(fn: Callable[[], int], prog: str) -> int:
         return 130
 
 
-def add_storage_args(p: argparse.ArgumentParser) -> None:
+def add_storage_args(p: argparse.ArgumentParser, reads: bool = True) -> None:
     p.add_argument("--storage-options", metavar="JSON", default=None,
                    help='fsspec options for remote URLs, e.g. \'{"anon": true}\' or '
                         '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
+    if not reads:
+        return
+    d = FetchOptions()
+    g = p.add_argument_group("remote reads (http, s3)")
+    g.add_argument("--concurrency", type=int, default=d.concurrency, help=f"requests in flight (default {d.concurrency})")
+    g.add_argument("--chunk-mb", type=float, default=d.chunk_size / 2**20,
+                   help=f"MiB per ranged request (default {d.chunk_size >> 20})")
+    g.add_argument("--retries", type=int, default=d.retries,
+                   help=f"failed attempts allowed per chunk (default {d.retries})")
+    g.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help=f"seconds without data before an attempt fails (default {d.read_timeout:g})")
+
+
+def fetch_options(args: argparse.Namespace) -> FetchOptions:
+    return FetchOptions.coerce({"concurrency": args.concurrency, "chunk_size": max(1, int(args.chunk_mb * 2**20)),
+                                "retries": args.retries, "read_timeout": args.read_timeout})
 
 
 def storage_options(args: argparse.Namespace) -> dict | None:

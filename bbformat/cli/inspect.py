@@ -10,7 +10,7 @@ from typing import Any
 from ..container.layout import COMPRESSIONS
 from ..container.reader import BBFReader
 from ..words import word_bits
-from .common import add_storage_args, run_cli, storage_options
+from .common import add_storage_args, fetch_options, run_cli, storage_options
 
 
 def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
@@ -102,17 +102,31 @@ def render(s: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bbf-inspect", description="Show what a .bbf file holds and where its bytes went.")
-    p.add_argument("file", help="path or URL (file://, http(s)://, s3://, memory://)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--no-check", action="store_true", help="do not read every section to verify checksums")
-    add_storage_args(p)
+    add_args(p)
     return p
 
 
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="path or URL (file://, http(s)://, s3://, memory://)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--no-check", action="store_true", help="do not read every section to verify checksums")
+    p.add_argument("--stats", action="store_true",
+                   help="also print what reading cost: requests (retries included), retries, bytes, seconds")
+    add_storage_args(p)
+
+
 def run(args: argparse.Namespace) -> int:
-    with BBFReader(args.file, storage_options(args)) as f:
+    with BBFReader(args.file, storage_options(args), fetch=fetch_options(args)) as f:
         s = summarize(f, check=not args.no_check)
-    print(json.dumps(s) if args.json else render(s))
+        if args.stats:
+            s["io"] = f.stats
+    text = render(s)
+    if args.stats:
+        io = s["io"]
+        rate = f" ({io['mb_per_s']:,.1f} MB/s)" if io["mb_per_s"] else ""
+        text += (f"\nio: {io['requests']} requests, {io['retries']} retries, {_fmt_bytes(io['bytes'])} in "
+                 f"{io['seconds']:.3f} s with a request in flight{rate}")
+    print(json.dumps(s) if args.json else text)
     return 0 if s["totals"]["checksums_ok"] in (True, None) else 1
 
 

@@ -18,7 +18,7 @@ from ..container.writer import save
 from ..errors import BBFError
 from ..words import WORD_DTYPES, dtype_name, words_to_f64
 from . import inspect as inspect_cmd
-from .common import add_storage_args, run_cli, storage_options
+from .common import add_storage_args, fetch_options, run_cli, storage_options
 
 
 def _codec(args) -> tuple[str, dict]:
@@ -52,7 +52,7 @@ def cmd_decode(args) -> int:
 
     if not args.output.endswith((".pt", ".safetensors")):
         raise BBFError("-o must end in .pt (SliceGPT layout) or .safetensors")
-    with BBFReader(args.input, storage_options(args)) as f:
+    with BBFReader(args.input, storage_options(args), fetch=fetch_options(args)) as f:
         tensors = f.load_all()
         desc = f.model
     ckpt, js = save_slicegpt(desc, tensors, args.output)
@@ -72,7 +72,7 @@ def canonical_words(desc, tensors, codec, dtype):
 def cmd_verify(args) -> int:
     from ..models.slicegpt_io import load_slicegpt
 
-    with BBFReader(args.input, storage_options(args)) as f:
+    with BBFReader(args.input, storage_options(args), fetch=fetch_options(args)) as f:
         desc, tensors = load_slicegpt(args.against, args.slicing_json, args.config)
         if desc.tensors() != f.model.tensors():
             raise BBFError(f"{args.against} does not have the layout of {args.input}")
@@ -172,20 +172,28 @@ def _load_any(model: str, args):
         return m, tok
     from ..models.loader import load_pretrained
 
-    return load_pretrained(model, storage_options(args), progress=not getattr(args, "json", False))
+    return load_pretrained(model, storage_options(args), progress=not getattr(args, "json", False),
+                           fetch=fetch_options(args))
 
 
 # ---- serve -----------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
     from ..serve import start_server
 
-    server, url = start_server(args.directory, args.host, args.port)
-    print(f"serving {args.directory} at {url} (Range supported); Ctrl-C to stop", flush=True)
+    rate = args.rate * 1e6 if args.rate else None  # MB/s -> bytes/s
+    conn_rate = args.conn_rate * 1e6 if args.conn_rate else None
+    latency = args.latency / 1e3 if args.latency else None  # ms -> s
+    server, url = start_server(args.directory, args.host, args.port, rate=rate, conn_rate=conn_rate, latency=latency)
+    caps = [f"{args.rate:g} MB/s in all" if rate else "", f"{args.conn_rate:g} MB/s per response" if conn_rate else "",
+            f"{args.latency:g} ms first-byte latency" if latency else ""]
+    caps = "; " + ", ".join(c for c in caps if c) if any(caps) else ""
+    print(f"serving {args.directory} at {url} (Range supported{caps}); Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         server.shutdown()
+        server.server_close()
     return 0
 
 
@@ -212,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec_args(q)
     source_args(q)
     q.add_argument("-q", "--quiet", action="store_true")
-    add_storage_args(q)
+    add_storage_args(q, reads=False)
     q.set_defaults(fn=cmd_encode)
 
     q = sub.add_parser("decode", help=".bbf -> SliceGPT layout .pt (+ .json) or .safetensors (+ .json)")
@@ -232,10 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_verify)
 
     q = sub.add_parser("inspect", help="same as bbf-inspect")
-    q.add_argument("file")
-    q.add_argument("--json", action="store_true")
-    q.add_argument("--no-check", action="store_true")
-    add_storage_args(q)
+    inspect_cmd.add_args(q)
     q.set_defaults(fn=inspect_cmd.run)
 
     q = sub.add_parser("slice", help="slice a Hugging Face model (dir or .gguf) with SliceGPT's procedure")
@@ -250,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec_args(q)
     q.set_defaults(dtype="float16")
     q.add_argument("-q", "--quiet", action="store_true")
-    add_storage_args(q)
+    add_storage_args(q, reads=False)
     q.set_defaults(fn=cmd_slice)
 
     q = sub.add_parser("eval", help="perplexity of a .bbf (path or URL) or a HF model on a text file")
@@ -268,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("directory")
     q.add_argument("--host", default="127.0.0.1")
     q.add_argument("--port", type=int, default=8000)
+    q.add_argument("--rate", type=float, default=None, metavar="MB/s", help="total bandwidth cap (1 MB = 10^6 bytes)")
+    q.add_argument("--conn-rate", type=float, default=None, metavar="MB/s", help="bandwidth cap of each response")
+    q.add_argument("--latency", type=float, default=None, metavar="MS", help="milliseconds before each response")
     q.set_defaults(fn=cmd_serve)
     return p
 

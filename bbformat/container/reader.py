@@ -29,13 +29,14 @@ from ..words import from_words, word_np_dtype
 from .header import check_tensor_table, parse_header
 from .layout import (FOOTER, MAJOR, PREAMBLE, RECORD, SUFFIX_GUESS, Footer, SectionRecord, check_preamble, crc32,
                      parse_index)
-from .store import BufferStore, Store
+from ..io.fetch import FetchOptions, Prefetcher
+from ..io.store import BufferStore, RemoteStore, Store, open_store
 
 
 class BBFReader:
     def __init__(self, url: str, storage_options: dict | None = None, cache_groups: int = 1, *,
-                 store: Store | BufferStore | None = None):
-        self.store = store or Store(str(url), storage_options)
+                 fetch: FetchOptions | dict | None = None, store: Store | None = None):
+        self.store = store or open_store(str(url), storage_options, fetch, SUFFIX_GUESS)
         self.url = self.store.url
         size = self.store.size
         if size < PREAMBLE.size + FOOTER.size:
@@ -70,10 +71,19 @@ class BBFReader:
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_groups
         self._lock = threading.Lock()
+        self._remote = isinstance(self.store, RemoteStore)
 
     # ---- metadata ------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
         return list(self.tensors)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """What reading cost so far: requests (retries included), retries, bytes, seconds with a request in flight."""
+        return self.store.stats.as_dict()
+
+    def group_stored_bytes(self, group: str) -> int:
+        return sum(r.stored_len for r in self._by_group[group].values())
 
     def metadata(self) -> dict[str, str]:
         return dict(self.header["metadata"])
@@ -103,30 +113,55 @@ class BBFReader:
     def stream(self, readahead: int = 2, workers: int | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """Yield (group, tensors) from the last group to the first: head, layer.L-1, ..., layer.0, embed.
 
-        The next `readahead` groups are fetched and decoded on background threads while the caller works.
-        """
-        order = list(reversed(self.model.groups()))
-        workers = workers or min(2, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-read") as pool:
-            futures = [pool.submit(self._decode_group, g) for g in order[: readahead + 1]]
-            for i, g in enumerate(order):
-                tensors = futures[i].result()
-                nxt = i + readahead + 1
-                if nxt < len(order):
-                    futures.append(pool.submit(self._decode_group, order[nxt]))
-                futures[i] = None  # drop the reference so memory stays bounded
-                yield g, tensors
+        At most `readahead` decoded groups wait beyond the one the caller holds; their bytes are fetched (remote:
+        up to concurrency x chunk_size ahead) and decoded on background threads while the caller works."""
+        yield from self._pipeline(list(reversed(self.model.groups())), readahead, workers)
 
     def load_all(self, workers: int | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor, decoded. All groups are in flight at once, largest first, one per core: nesting a section's
-        own parallel decode inside costs more than it gains (measured: 15% more CPU)."""
-        groups = sorted(self.model.groups(), key=lambda g: -sum(r.raw_len for r in self._by_group[g].values()))
-        workers = workers or min(2, os.cpu_count() or 1)
+        """Every tensor, decoded. Local: all groups at once, largest first, one per core (nesting a section's own
+        parallel decode inside costs more than it gains: measured 15% more CPU). Remote: in file order, each group
+        decoded as soon as its bytes are in, while the next ones arrive."""
+        groups = self.model.groups()
+        if not self._remote:
+            groups = sorted(groups, key=lambda g: -sum(r.raw_len for r in self._by_group[g].values()))
         arena, out = _Arena(), {}
-        with _gc_paused(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-read") as pool:
-            for tensors in pool.map(lambda g: self._decode_group(g, arena), groups):
+        with _gc_paused():
+            for _, tensors in self._pipeline(groups, len(groups), workers, arena):
                 out.update(tensors)
         return {t.name: out[t.name] for t in self.model.tensors()}
+
+    def _pipeline(self, order: list[str], readahead: int, workers: int | None, alloc=None
+                  ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """Groups in `order`: bytes fetched by the store's engine within its budget, decoded on `workers` threads,
+        at most `readahead` decoded groups ahead of the caller."""
+        recs = [list(self._by_group[g].values()) for g in order]
+        fetch = Prefetcher(self.store.fetch, [[(r.offset, r.offset + r.stored_len) for r in rs] for rs in recs],
+                           self.store.budget)
+
+        def decode(i: int) -> dict[str, torch.Tensor]:
+            try:
+                stored = dict(zip((r.kind for r in recs[i]), fetch.get(i)))
+                return self._decode_group(order[i], alloc, stored)
+            finally:
+                fetch.release(i)
+
+        workers = workers or min(2, os.cpu_count() or 1)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-decode")
+        futures = [pool.submit(decode, i) for i in range(min(len(order), readahead + 1))]
+        try:
+            for i, g in enumerate(order):
+                tensors = futures[i].result()
+                futures[i] = None  # drop the reference so memory stays bounded
+                nxt = i + readahead + 1
+                if nxt < len(order):
+                    futures.append(pool.submit(decode, nxt))
+                yield g, tensors
+        finally:  # also when the caller stops early: cancel what is pending, free what was fetched
+            fetch.close()
+            for f in futures:
+                if f is not None:
+                    f.cancel()
+            pool.shutdown(wait=True)
 
     def aux(self, name: str) -> bytes:
         for i, a in enumerate(self.header["aux"]):
@@ -137,11 +172,13 @@ class BBFReader:
                 return self.read_section(recs[0])
         raise KeyError(f"no aux entry {name!r} in {self.url}")
 
-    def read_section(self, rec: SectionRecord, out: np.ndarray | None = None, threads: bool = True
-                     ) -> bytes | np.ndarray:
-        """Fetch one section, verify its checksum, undo the entropy stage: its raw payload (written into `out`,
-        a uint8 array of raw_len bytes, when given; on all cores unless threads=False)."""
-        stored = self.store.view(rec.offset, rec.offset + rec.stored_len)
+    def read_section(self, rec: SectionRecord, out: np.ndarray | None = None, threads: bool = True,
+                     stored=None) -> bytes | np.ndarray:
+        """Fetch one section (unless its `stored` bytes are given), verify its checksum, undo the entropy stage: its
+        raw payload (written into `out`, a uint8 array of raw_len bytes, when given; on all cores unless
+        threads=False)."""
+        if stored is None:
+            stored = self.store.view(rec.offset, rec.offset + rec.stored_len)
         if crc32(stored) != rec.crc:
             raise ChecksumError(f"{rec.label}: checksum mismatch (the file is corrupt)")
         if rec.compression == 0:
@@ -162,10 +199,15 @@ class BBFReader:
     def verify_checksums(self) -> list[tuple[SectionRecord, bool]]:
         """Check the preamble and every section's checksum (reads the whole file)."""
         check_preamble(self.store.read(0, PREAMBLE.size))
+        fetch = Prefetcher(self.store.fetch, [[(r.offset, r.offset + r.stored_len)] for r in self.sections],
+                           self.store.budget)
         out = []
-        for rec in self.sections:
-            stored = self.store.read(rec.offset, rec.offset + rec.stored_len)
-            out.append((rec, crc32(stored) == rec.crc))
+        try:
+            for i, rec in enumerate(self.sections):
+                out.append((rec, crc32(fetch.get(i)[0]) == rec.crc))
+                fetch.release(i)
+        finally:
+            fetch.close()
         return out
 
     def close(self) -> None:
@@ -214,21 +256,26 @@ class BBFReader:
                                   f"{self.codec.id!r} needs {sorted(want)}")
         return by_group
 
-    def _decode_group(self, group: str, alloc=None) -> dict[str, torch.Tensor]:
+    def _decode_group(self, group: str, alloc=None, stored: dict | None = None) -> dict[str, torch.Tensor]:
         """alloc(nbytes) -> a writable uint8 array for the decoded words (default: a new array per section). With
-        an alloc (a whole-model load, whose groups run in parallel) each section decodes on the calling thread."""
+        an alloc (a whole-model load, whose groups run in parallel) each section decodes on the calling thread.
+        `stored`: the sections' bytes by kind, already fetched (default: fetch them now, in one go)."""
         threads = alloc is None
+        recs = self._by_group[group]
+        if stored is None:
+            stored = dict(zip(recs, self.store.fetch([(r.offset, r.offset + r.stored_len)
+                                                       for r in recs.values()]).result()))
         raw, rooms = {}, {}
-        for kind, rec in self._by_group[group].items():
+        for kind, rec in recs.items():
             room = self._decoder.payload_room(group, kind) if rec.word_size > 1 else 0
             if room > 0:  # decode behind the room the codec asked for, so it can rebuild its tensors in place
                 nbytes = (room + rec.raw_len // rec.word_size) * rec.word_size
                 buf = rooms[kind] = (alloc or new_bytes)(nbytes).view(word_np_dtype(self.dtype))
-                raw[kind] = self.read_section(rec, buf.view(np.uint8)[room * rec.word_size:], threads)
+                raw[kind] = self.read_section(rec, buf.view(np.uint8)[room * rec.word_size:], threads, stored[kind])
             elif alloc is not None and rec.word_size > 1 and rec.raw_len:
-                raw[kind] = self.read_section(rec, alloc(rec.raw_len), threads)
+                raw[kind] = self.read_section(rec, alloc(rec.raw_len), threads, stored[kind])
             else:
-                raw[kind] = self.read_section(rec, None, threads)
+                raw[kind] = self.read_section(rec, None, threads, stored[kind])
         try:
             parts = self._decoder.decode_tensors(group, raw, rooms, alloc)  # shapes == the checked tensor table's
         except FormatError as e:
@@ -272,13 +319,15 @@ class _Arena:
 
 
 def open(url: str, storage_options: dict | None = None, **kwargs: Any) -> BBFReader:  # noqa: A001
-    """Open a .bbf file at a local path or any fsspec URL (file://, memory://, http(s)://, s3://)."""
+    """Open a .bbf file at a local path or any fsspec URL (file://, memory://, http(s)://, s3://).
+    `fetch=FetchOptions(...)` (or a dict) sets chunk size, concurrency, retries and timeouts for remote URLs."""
     return BBFReader(url, storage_options, **kwargs)
 
 
-def load(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+def load(url: str, storage_options: dict | None = None, *, fetch: FetchOptions | dict | None = None
+         ) -> dict[str, torch.Tensor]:
     """Read every tensor (decoded) into a dict, like safetensors' load_file."""
-    with BBFReader(url, storage_options) as f:
+    with BBFReader(url, storage_options, fetch=fetch) as f:
         return f.load_all()
 
 

@@ -22,7 +22,7 @@ from ..models.arch import ModelDesc
 from ..words import check_dtype, dtype_name
 from .header import build_header
 from .layout import Footer, SectionRecord, align, crc32, pack_preamble
-from .store import AtomicSink
+from ..io.store import AtomicSink
 
 COMPRESSION = ("auto", "none")
 

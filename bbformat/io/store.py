@@ -1,134 +1,177 @@
-"""Storage behind fsspec: byte-range reads for the reader, atomic writes for the writer.
+"""Storage: byte ranges for the reader, atomic writes for the writer.
 
-The reader needs exactly two things from storage: the file size and `read(start, end)`. Local paths, file://,
-memory://, s3:// and http(s):// all go through fsspec. HTTP gets one extra guard: fsspec silently returns the
-whole body when a server ignores the Range header (Python's http.server does), so ranges are fetched through
-fsspec's HTTPFile, which checks for a 206/Content-Range answer before reading the body, and the failure is
-reported as RangeNotSupportedError instead of downloading the file.
+A reader needs `size`, `read(start, end)` and `fetch(ranges)`, a future of buffers. Three stores provide them:
+LocalStore (a memory-mapped local file: views, no copies), BufferStore (a .bbf already in memory) and RemoteStore
+(http(s)://, s3:// or any other fsspec URL, through the fetch engine in fetch.py: concurrent ranged requests,
+retries, the object pinned at open). `open_store` picks one from the URL.
 """
 
 from __future__ import annotations
 
+import builtins
+import concurrent.futures
 import mmap
 import os
-import threading
 import uuid
 
 import fsspec
 
-from ..errors import BBFError, RangeNotSupportedError, TruncatedError
+from ..errors import BBFError, TruncatedError
+from .fetch import Fetcher, FetchOptions, FetchStats, done
 
 
 class Store:
-    """Read-only random access to one file at an fsspec URL."""
+    """Read-only random access to one file: `size`, `read(start, end)`, `view(start, end)` and `fetch(ranges)` (a
+    future of buffers: the reader's path for sections). `stats` counts what was read."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = str(url)
-        try:
-            self.fs, self.path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-            self.size = int(self.fs.size(self.path))
-        except FileNotFoundError:
-            raise BBFError(f"no such file: {self.url}") from None
-        except ImportError as e:
-            raise BBFError(f"cannot open {self.url}: {e} (install bbformat[remote])") from None
-        except (OSError, ValueError) as e:
-            raise BBFError(f"cannot open {self.url}: {e}") from None
-        self._http = any(p.startswith("http") for p in _protocols(self.fs))
-        self._local = threading.local()
-        self._map: mmap.mmap | None = None
-        self._map_lock = threading.Lock()
-        self.bytes_read = 0
-        self.requests = 0
+    url: str
+    size: int
+
+    def __init__(self):
+        self.stats = FetchStats()
+
+    @property
+    def bytes_read(self) -> int:
+        return self.stats.bytes
+
+    @property
+    def requests(self) -> int:
+        return self.stats.requests
+
+    @property
+    def budget(self) -> int:
+        """How many bytes a reader may keep fetched ahead of decoding."""
+        return 1 << 62
 
     def view(self, start: int, end: int) -> bytes | memoryview:
-        """Like `read`, but a local file is memory-mapped and the bytes are a read-only view of the page cache
-        (no copy, no fresh memory to fault in): the reader's path for sections."""
-        if not _is_local(self.fs):
-            return self.read(start, end)
-        if not 0 <= start <= end <= self.size:
-            raise TruncatedError(f"read of bytes {start}..{end} is outside the file ({self.size} bytes)")
-        with self._map_lock:
-            if self._map is None:
-                try:
-                    with open(self.path, "rb") as f:
-                        self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                except (OSError, ValueError) as e:
-                    raise BBFError(f"cannot map {self.url}: {e}") from None
-                if len(self._map) != self.size:
-                    raise TruncatedError(f"{self.url} changed size while open")
-        self.bytes_read += end - start
-        self.requests += 1
-        return memoryview(self._map)[start:end]
-
-    def close(self) -> None:
-        with self._map_lock:
-            if self._map is not None:
-                try:
-                    self._map.close()
-                except BufferError:  # a view is still in use: the map goes when it does
-                    pass
-                self._map = None
+        return self.fetch([(start, end)]).result()[0]
 
     def read(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file; exactly that many or an error."""
-        if not 0 <= start <= end <= self.size:
-            raise TruncatedError(f"read of bytes {start}..{end} is outside the file ({self.size} bytes)")
-        if start == end:
-            return b""
+        return bytes(self.view(start, end))
+
+    def fetch(self, ranges: list[tuple[int, int]]) -> concurrent.futures.Future:  # pragma: no cover
+        raise NotImplementedError
+
+    def _check(self, ranges) -> None:
+        for start, end in ranges:
+            if not 0 <= start <= end <= self.size:
+                raise TruncatedError(f"read of bytes {start}..{end} is outside the file ({self.size} bytes)")
+
+    def close(self) -> None:
+        pass
+
+
+class LocalStore(Store):
+    """A local file, memory-mapped: sections are read-only views of the page cache (no copy, no fresh memory to
+    fault in)."""
+
+    def __init__(self, url: str, path: str):
+        super().__init__()
+        self.url, self.path = url, path
         try:
-            data = self._read_http(start, end) if self._http else self.fs.cat_file(self.path, start=start, end=end)
-        except RangeNotSupportedError:
-            raise
+            with builtins.open(path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        except FileNotFoundError:
+            raise BBFError(f"no such file: {url}") from None
         except (OSError, ValueError) as e:
-            raise BBFError(f"reading bytes {start}..{end} of {self.url} failed: {e}") from None
-        if len(data) != end - start:
-            if self._http and len(data) > end - start:
-                raise RangeNotSupportedError(f"{self.url}: the server ignored an HTTP Range request")
-            raise TruncatedError(f"{self.url}: asked for {end - start} bytes at {start}, got {len(data)}")
-        self.bytes_read += len(data)
-        self.requests += 1
-        return data
+            raise BBFError(f"cannot open {url}: {e}") from None
+        self._buf = memoryview(self._map) if self._map is not None else memoryview(b"")
 
-    def _read_http(self, start: int, end: int) -> bytes:
-        f = getattr(self._local, "file", None)
-        if f is None:  # one HTTPFile per thread: they are not thread-safe
-            f = self._local.file = self.fs.open(self.path, "rb", cache_type="none", size=self.size)
-        try:
-            f.seek(start)
-            return f.read(end - start)
-        except ValueError as e:
-            if "range" in str(e).lower():
-                raise RangeNotSupportedError(
-                    f"{self.url}: the server ignored an HTTP Range request (it answered with the whole body); "
-                    "serve the file with a server that supports Range, or download it first") from None
-            raise
+    def fetch(self, ranges):
+        self._check(ranges)
+        self.stats.requests += len(ranges)
+        self.stats.bytes += sum(b - a for a, b in ranges)
+        return done([self._buf[a:b] for a, b in ranges])
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._buf.release()
+                self._map.close()
+            except BufferError:  # a view is still in use: the map goes when it does
+                pass
 
 
-class BufferStore:
+class BufferStore(Store):
     """A whole .bbf file already in memory (bytes, bytearray, memoryview, mmap): reads are views, never copies."""
 
     def __init__(self, data, name: str = "<bytes>"):
+        super().__init__()
         self.url = name
         try:
             self._buf = memoryview(data).cast("B")
         except TypeError as e:
             raise BBFError(f"cannot read a .bbf from a {type(data).__name__}: {e}") from None
         self.size = len(self._buf)
-        self.bytes_read = 0
-        self.requests = 0
 
-    def view(self, start: int, end: int) -> memoryview:
-        if not 0 <= start <= end <= self.size:
-            raise TruncatedError(f"read of bytes {start}..{end} is outside the buffer ({self.size} bytes)")
-        self.bytes_read += end - start
-        self.requests += 1
-        return self._buf[start:end]
+    def fetch(self, ranges):
+        self._check(ranges)
+        self.stats.requests += len(ranges)
+        self.stats.bytes += sum(b - a for a, b in ranges)
+        return done([self._buf[a:b] for a, b in ranges])
 
-    def read(self, start: int, end: int) -> bytes:
-        return bytes(self.view(start, end))
 
-    def close(self) -> None:
-        pass
+class RemoteStore(Store):
+    """An object behind http(s)://, s3:// or another fsspec filesystem, read by the fetch engine (fetch.py). Opening
+    it is one request: the suffix read that pins the object and holds the footer, index and header."""
+
+    def __init__(self, url: str, transport, options: FetchOptions, suffix: int):
+        self.url = url
+        self.options = options
+        self.fetcher = Fetcher(transport, options)
+        self.stats = self.fetcher.stats
+        self.size, self._tail_start, tail = self.fetcher.suffix(suffix)
+        self._tail = memoryview(tail)
+
+    @property
+    def budget(self) -> int:
+        return self.options.concurrency * self.options.chunk_size
+
+    def fetch(self, ranges):
+        self._check(ranges)
+        t0 = self._tail_start
+        if all(a >= t0 for a, _ in ranges):  # inside the pinned suffix: no request
+            return done([self._tail[a - t0:b - t0] for a, b in ranges])
+        return self.fetcher.submit(ranges)
+
+
+def open_store(url: str, storage_options: dict | None = None, fetch: FetchOptions | dict | None = None,
+               suffix: int = 256 << 10) -> Store:
+    """The store for a local path or any fsspec URL. Remote stores read the last `suffix` bytes on open."""
+    options = FetchOptions.coerce(fetch)
+    url = str(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **_remote_defaults(url, storage_options, options))
+    except ImportError as e:
+        raise BBFError(f"cannot open {url}: {e} (install bbformat[remote])") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise BBFError(f"cannot open {url}: {e}") from None
+    protocols = _protocols(fs)
+    if _is_local(fs):
+        return LocalStore(url, path)
+    from .transport import FsspecTransport, HTTPTransport, S3Transport
+
+    if any(p.startswith("http") for p in protocols):
+        transport = HTTPTransport(fs, path, options.connect_timeout, options.read_timeout)
+    elif any(p in ("s3", "s3a") for p in protocols):
+        transport = S3Transport(fs, path)
+    else:
+        transport = FsspecTransport(fs, path, url)
+    return RemoteStore(url, transport, options, suffix)
+
+
+def _remote_defaults(url: str, storage_options: dict | None, options: FetchOptions) -> dict:
+    """S3 clients pool 10 connections by default: raise that to the concurrency, and give botocore the timeouts."""
+    opts = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", max(10, options.concurrency))
+        config.setdefault("connect_timeout", options.connect_timeout)
+        config.setdefault("read_timeout", options.read_timeout)
+        opts["config_kwargs"] = config
+    return opts
 
 
 class AtomicSink:

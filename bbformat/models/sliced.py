@@ -25,13 +25,13 @@ _ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 class SlicedLM(nn.Module):
     def __init__(self, desc: ModelDesc, tensors: dict[str, torch.Tensor] | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
         if desc.activation not in _ACT:
             raise ModelError(f"unsupported activation {desc.activation!r}; expected one of {sorted(_ACT)}")
         if _rope_type(desc.rope_scaling) not in ("default", "linear", "llama3"):
             raise ModelError(f"unsupported rope_scaling {desc.rope_scaling!r}")
-        self.desc, self.dtype = desc, dtype
+        self.desc, self.dtype, self.device = desc, dtype, device
         self._shapes = {t.name: t.shape for t in desc.tensors()}
         if tensors is not None:
             self.set_tensors(tensors)
@@ -40,9 +40,11 @@ class SlicedLM(nn.Module):
                 raise ModelError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more)")
 
     @classmethod
-    def empty(cls, desc: ModelDesc, dtype: torch.dtype = torch.float32) -> "SlicedLM":
-        """A model with no weights yet: fill it with `set_tensors` / `load_group` as groups stream in."""
-        return cls(desc, None, dtype)
+    def empty(cls, desc: ModelDesc, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> "SlicedLM":
+        """A model with no weights yet: fill it with `set_tensors` / `load_group` as groups stream in (each
+        placed on `device` as it arrives)."""
+        return cls(desc, None, dtype, device)
 
     # ---- weights -----------------------------------------------------------------------------------
     def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -58,7 +60,8 @@ class SlicedLM(nn.Module):
                 if not hasattr(mod, p):
                     mod.add_module(p, nn.Module())
                 mod = getattr(mod, p)
-            mod.register_parameter(leaf, nn.Parameter(t.detach().to(self.dtype), requires_grad=False))
+            mod.register_parameter(leaf, nn.Parameter(t.detach().to(device=self.device, dtype=self.dtype),
+                                                      requires_grad=False))
 
     load_group = set_tensors  # a loader hands over one group (embed / layer.i / head) at a time
 
