@@ -270,3 +270,21 @@ def test_concurrent_readers_share_nothing(served, plan, local):
     assert not errors and len(out) == 3
     for o in out:
         assert_same(o, local)
+
+
+def test_connection_failures_on_open_are_distinct_and_not_retried(served, plan):
+    import socket
+
+    _, url, _ = served
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cases = [(f"http://127.0.0.1:{port}/m.bbf", f"connection to 127.0.0.1:{port} refused"),
+             (f"{url}/missing.bbf", "no such file"),
+             (url.replace("http://", "https://") + "/m.bbf", "TLS failed.*plain http"),
+             ("http://no-such-host.invalid/m.bbf", "cannot resolve host 'no-such-host.invalid'")]
+    for target, pattern in cases:
+        with pytest.raises(bbformat.TransportError if "no such" not in pattern else bbformat.BBFError,
+                           match=pattern) as e:
+            bbformat.open(target, fetch=FAST)
+        assert "attempt" not in str(e.value), target  # a wrong URL is not retried

@@ -30,11 +30,14 @@ PIECE = 1 << 20
 
 
 class Transient(Exception):
-    """A failure worth retrying; `retry_after` is the server's requested delay in seconds, if it gave one."""
+    """A failure worth retrying; `retry_after` is the server's requested delay in seconds, if it gave one.
+    `connect`: no connection was made (refused, DNS): retried mid-read, where a server may be restarting, but not
+    when opening, where it almost always means a wrong URL."""
 
-    def __init__(self, cause: str, retry_after: float | None = None):
+    def __init__(self, cause: str, retry_after: float | None = None, connect: bool = False):
         super().__init__(cause)
         self.retry_after = retry_after
+        self.connect = connect
 
 
 class Permanent(Exception):
@@ -84,6 +87,14 @@ class HTTPTransport:
         self._errors = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 
     async def suffix(self, n: int) -> tuple[int, int, bytes]:
+        try:
+            return await self._suffix(n)
+        except Transient as e:
+            if e.connect:
+                raise Permanent(str(e)) from None
+            raise
+
+    async def _suffix(self, n: int) -> tuple[int, int, bytes]:
         async with self._get(f"bytes=-{n}") as r:
             if r.status == 416:  # only an empty object has no satisfiable suffix
                 return 0, 0, b""
@@ -148,10 +159,19 @@ class _Request:
         self.t, self.headers, self.r = t, headers, None
 
     async def __aenter__(self):
+        import aiohttp
+
         session = await self.t.fs.set_session()
         try:
             self.r = await session.get(self.t.fs.encode_url(self.t.url), headers=self.headers,
                                        timeout=self.t.timeout, **self.t.kw)
+        except (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError) as e:
+            raise Permanent(f"TLS failed ({_describe(e)}); is the server plain http://?") from None
+        except aiohttp.ClientConnectorDNSError as e:
+            raise Transient(f"cannot resolve host {e.host!r} (DNS: {e.os_error})", connect=True) from None
+        except aiohttp.ClientConnectorError as e:
+            why = "refused" if isinstance(e.os_error, ConnectionRefusedError) else f"failed: {e.os_error}"
+            raise Transient(f"connection to {e.host}:{e.port} {why}; is the server running?", connect=True) from None
         except self.t._errors as e:
             raise Transient(_describe(e)) from None
         return self.r
