@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import bbformat
-from bbformat.io.fetch import coalesce
+from bbformat.io.fetch import FetchOptions, coalesce, split
 from bbformat.models.synthetic import random_slicegpt, tiny_desc
 from bbformat.serve import FaultPlan, start_server
 
@@ -63,6 +63,20 @@ def assert_same(a: dict, b: dict):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+def test_split_and_coalesce():
+    o = FetchOptions(chunk_size=8 << 20, min_chunk_size=1 << 20, concurrency=16)
+    for start, end in [(0, 1), (0, 10), (5, (1 << 20) + 5), (0, 3 << 20), (7, (48 << 20) + 7), (0, 300 << 20)]:
+        parts = split(start, end, o)
+        assert parts[0][0] == start and parts[-1][1] == end
+        assert all(a < b == c for (a, b), (c, _) in zip(parts, parts[1:] + [(end, None)]))
+        assert max(b - a for a, b in parts) <= o.chunk_size
+        want = max(math.ceil((end - start) / o.chunk_size), min(16, (end - start) >> 20), 1)
+        assert len(parts) == want
+    assert split(5, 5, o) == []  # an empty section costs no request
+    assert len(split(0, 48 << 20, o)) == 16  # a 48 MiB group goes out over all 16 connections
+    assert coalesce([(10, 20), (0, 10), (30, 40), (15, 25)]) == [(0, 25, [1, 0, 3]), (30, 40, [2])]
+
+
 def expected_chunk_requests(f: bbformat.BBFReader, chunk: int) -> int:
     """What the engine must send for a whole load: per group, its touching sections coalesced, then chunked."""
     n = 0
@@ -70,8 +84,8 @@ def expected_chunk_requests(f: bbformat.BBFReader, chunk: int) -> int:
         ranges = [(r.offset, r.offset + r.stored_len) for r in f._by_group[g].values()]
         if all(a >= f.store._tail_start for a, _ in ranges):
             continue  # inside the suffix read on open: no request
-        runs = coalesce(ranges)
-        n += sum(math.ceil((b - a) / chunk) for a, b, _ in runs)
+        opts = FetchOptions.coerce(FAST)
+        n += sum(len(split(a, b, opts)) for a, b, _ in coalesce(ranges))
     return n
 
 

@@ -3,8 +3,8 @@
     fetcher = Fetcher(transport, FetchOptions(chunk_size=8 << 20, concurrency=16))
     future = fetcher.submit([(a, b), (c, d)])        # a concurrent.futures.Future of [view of a..b, view of c..d]
 
-Ranges that touch are coalesced, then split into chunks of at most `chunk_size`; every chunk is one request, and at
-most `concurrency` run at once. They run on fsspec's event-loop thread, so the caller's threads are free to decode
+Ranges that touch are coalesced, then split into chunks of at most `chunk_size` (a large run into `concurrency`
+chunks of at least `min_chunk_size`); every chunk is one request, and at most `concurrency` run at once. They run on fsspec's event-loop thread, so the caller's threads are free to decode
 while bytes arrive. The semaphore wakes waiters first come first served: chunks go out in the order they were
 submitted, which is the order the stream consumes them.
 
@@ -36,7 +36,8 @@ from .transport import Permanent, Transient
 class FetchOptions:
     """How remote bytes are fetched. Local files ignore these (they are memory-mapped)."""
 
-    chunk_size: int = 8 << 20  # bytes per ranged request
+    chunk_size: int = 8 << 20  # bytes per ranged request, at most
+    min_chunk_size: int = 1 << 20  # a large group is spread over all `concurrency` requests, in chunks >= this
     concurrency: int = 16  # requests in flight, independent of the core count
     retries: int = 8  # failed attempts allowed per chunk before giving up
     retry_time: float = 120.0  # seconds per chunk, waiting included, before giving up
@@ -58,8 +59,8 @@ class FetchOptions:
         if unknown:
             raise BBFError(f"unknown fetch option(s) {unknown}; known: {sorted(known)}")
         opts = cls(**value)
-        if opts.chunk_size < 1 or opts.concurrency < 1 or opts.retries < 0:
-            raise BBFError("fetch options: chunk_size and concurrency must be >= 1, retries >= 0")
+        if min(opts.chunk_size, opts.min_chunk_size, opts.concurrency) < 1 or opts.retries < 0:
+            raise BBFError("fetch options: chunk_size, min_chunk_size and concurrency must be >= 1, retries >= 0")
         return opts
 
 
@@ -91,6 +92,19 @@ class FetchStats:
         self._active -= 1
         if self._active == 0:
             self.seconds += time.perf_counter() - self._since
+
+
+def split(start: int, end: int, options: FetchOptions) -> list[tuple[int, int]]:
+    """Chunks of [start, end): at most chunk_size each, and as many as `concurrency` allows when they can be at
+    least min_chunk_size. The group needed next then arrives at the speed of all connections, not of the few its
+    8 MiB chunks would take (what decides the time to the first group on a bandwidth-capped link)."""
+    if end <= start:
+        return []  # an empty section costs no request
+    n = max(-(-(end - start) // options.chunk_size), min(options.concurrency, (end - start) // options.min_chunk_size))
+    if n <= 1:
+        return [(start, end)]
+    step = -(-(end - start) // n)
+    return [(a, min(end, a + step)) for a in range(start, end, step)]
 
 
 def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
@@ -135,8 +149,8 @@ class Fetcher:
             for i in idx:
                 a, b = ranges[i]
                 out[i] = buf[a - start:b - start]
-            for a in range(start, end, self.o.chunk_size):
-                jobs.append(self._chunk(buf[a - start:min(end, a + self.o.chunk_size) - start], a))
+            for a, b in split(start, end, self.o):
+                jobs.append(self._chunk(buf[a - start:b - start], a))
         tasks = [asyncio.ensure_future(j) for j in jobs]
         try:
             await asyncio.gather(*tasks)
