@@ -37,7 +37,7 @@ class FetchOptions:
     """How remote bytes are fetched. Local files ignore these (they are memory-mapped)."""
 
     chunk_size: int = 8 << 20  # bytes per ranged request, at most
-    min_chunk_size: int = 1 << 20  # a large group is spread over all `concurrency` requests, in chunks >= this
+    min_chunk_size: int = 4 << 20  # a large group is spread over up to `concurrency` requests, in chunks >= this
     concurrency: int = 16  # requests in flight, independent of the core count
     retries: int = 8  # failed attempts allowed per chunk before giving up
     retry_time: float = 120.0  # seconds per chunk, waiting included, before giving up
