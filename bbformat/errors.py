@@ -44,5 +44,11 @@ class ObjectChangedError(TransportError):
 
 
 class ModelError(BBFError):
-    """A checkpoint does not match the SliceGPT layout the header or its JSON describes."""
+    """A checkpoint, slicing config, HF config or GGUF file is malformed or does not match the SliceGPT layout the
+    header or its JSON describes."""
+
+
+class WriteError(BBFError):
+    """Writing an output failed (disk full, permission denied, a directory or a read-only file in the way); names
+    the path and the cause. Nothing is left under the target name, and an existing target is untouched."""
 

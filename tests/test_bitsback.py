@@ -253,5 +253,5 @@ def test_params_validated():
     for bad in (0, -1.0, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(BBFError, match="threshold"):
             BitsBackCodec(threshold=bad)
-    with pytest.raises(TypeError):
+    with pytest.raises(BBFError, match="bad parameters \\['tau'\\]"):
         get_codec("bitsback", {"tau": 0.1})

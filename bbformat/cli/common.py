@@ -1,32 +1,62 @@
-"""What every command shares: one-line errors, storage options for remote URLs."""
+"""What every command shares: one-line errors with documented exit codes, storage options for remote URLs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
-from ..errors import BBFError
+from ..errors import BBFError, TransportError, WriteError
 from ..io.fetch import FetchOptions
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_REFUSED, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+EXIT_CODES = """exit status:
+  0    success
+  1    a check failed: bbf verify found values over the threshold, bbf-inspect a checksum mismatch
+  2    bad usage, or the input was refused: not a valid .bbf file, a corrupt section, a bad slicing config,
+       checkpoint, HF config or GGUF file (one line on stderr names the file, field, section or URL)
+  3    reading or writing failed: a network error, an object changed while reading, a full disk, permission
+       denied, a directory or a read-only file in the way, out of memory (nothing is left under the output name)
+  4    internal error: a bug, please report it
+  130  interrupted
+Errors are one line on stderr; set BBF_DEBUG=1 to get the Python traceback instead."""
 
 
 def run_cli(fn: Callable[[], int], prog: str) -> int:
-    """Run a command; bad input becomes one line on stderr and a non-zero exit, never a traceback."""
+    """Run a command; any failure becomes one line on stderr and an exit code from EXIT_CODES, never a traceback
+    (unless BBF_DEBUG=1)."""
+    debug = os.environ.get("BBF_DEBUG", "") not in ("", "0")
     try:
         return fn()
-    except BBFError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:
-        print(f"{prog}: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - every failure ends here, as one line
+        if debug:
+            raise
+        code, msg = describe(e)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return code
+
+
+def describe(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that ends a command."""
+    text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    if isinstance(e, (TransportError, WriteError)):
+        return EXIT_IO, text
+    if isinstance(e, (BBFError, KeyError)):
+        return EXIT_REFUSED, text
+    if isinstance(e, OSError):
+        return EXIT_IO, text or type(e).__name__
+    if isinstance(e, MemoryError):
+        return EXIT_IO, "out of memory" + (f" ({text})" if text else "")
+    return EXIT_INTERNAL, (f"internal error, {type(e).__name__}: {text} (a bug: please report it; BBF_DEBUG=1 "
+                           f"shows the traceback)")
 
 
 def add_storage_args(p: argparse.ArgumentParser, reads: bool = True) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from ..container.layout import COMPRESSIONS
 from ..container.reader import BBFReader
 from ..words import word_bits
-from .common import add_storage_args, fetch_options, run_cli, storage_options
+from .common import EXIT_CODES, add_storage_args, fetch_options, run_cli, storage_options
 
 
 def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
             model_stored += r.stored_len
             corrections += r.corrections
     theoretical = sum(s.free_params for s in f.codec.symmetries_removed(m))
-    saved_words = (plain - model_raw) / ws
+    saved_words = (plain - model_raw) // ws  # whole words (plain and model_raw are multiples of ws)
     return {
         "file": f.url,
         "format_version": h["format_version"],
@@ -101,7 +101,8 @@ def render(s: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bbf-inspect", description="Show what a .bbf file holds and where its bytes went.")
+    p = argparse.ArgumentParser(prog="bbf-inspect", description="Show what a .bbf file holds and where its bytes went.",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     return p
 

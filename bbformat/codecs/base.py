@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..errors import FormatError, UnknownCodecError
+from ..errors import BBFError, FormatError, UnknownCodecError
 from ..models.arch import ModelDesc
+from ..words import word_bits
 
 SECTION_KINDS = ("initial", "block", "correction", "head", "aux")
 
@@ -45,6 +46,19 @@ class SectionData:
     word_size: int  # 2 or 4 for word payloads; 1 for opaque bytes (the entropy stage then uses plain zstd)
     segments: tuple[Segment, ...] = ()
     corrections: int = 0  # number of correction records (correction sections only)
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """What the index record of one of a group's sections must say, from the model description alone (SPEC sections
+    5 and 10-12). The reader checks every record against it before it fetches, allocates or decompresses anything:
+    no section can make it allocate more than the tensor table implies for its group plus the codec's side data."""
+
+    kind: str
+    word_size: int  # the dtype's word size for a word payload, 1 for opaque bytes
+    min_raw: int  # raw length (bytes) allowed, inclusive
+    max_raw: int
+    max_records: int = 0  # correction records the section may hold (the index's count is bounded by it)
 
 
 @dataclass
@@ -94,7 +108,7 @@ class Codec:
 
     def __init__(self, **params: Any) -> None:
         if params:
-            raise TypeError(f"codec {self.id!r} takes no parameters, got {sorted(params)}")
+            raise BBFError(f"codec {self.id!r} takes no parameters, got {sorted(params)}")
 
     def params(self) -> dict[str, Any]:
         return {}
@@ -120,6 +134,18 @@ class Codec:
             return ("head",)
         return ("block", "correction")
 
+    def section_specs(self, desc: ModelDesc, dtype: str) -> dict[str, tuple[SectionSpec, ...]]:
+        """Group -> its sections in push order, with the word size and raw length each must have. Default (codec
+        raw): the first section holds the group's decoded word sequence, any other one (the correction) is empty."""
+        return {g: self._specs(g, sum(t.numel for t in desc.group_tensors(g)), word_bits(dtype) // 8)
+                for g in desc.groups()}
+
+    def _specs(self, group: str, payload_words: int, ws: int) -> tuple[SectionSpec, ...]:
+        """A word payload of exactly `payload_words` words, then empty sections."""
+        kinds = self.sections_for(group)
+        n = payload_words * ws
+        return (SectionSpec(kinds[0], ws, n, n),) + tuple(SectionSpec(k, 1, 0, 0) for k in kinds[1:])
+
 
 _REGISTRY: dict[str, type[Codec]] = {}
 
@@ -138,7 +164,12 @@ def get_codec(codec_id: str, params: dict[str, Any] | None = None) -> Codec:
         raise UnknownCodecError(
             f"unknown codec {codec_id!r} (this reader knows {sorted(_REGISTRY)}); a newer bbformat may read it"
         ) from None
-    return cls(**(params or {}))
+    if not isinstance(params or {}, dict):
+        raise BBFError(f"codec {codec_id!r}: parameters must be a map, got {type(params).__name__}")
+    try:
+        return cls(**(params or {}))
+    except TypeError as e:  # an unknown or missing keyword
+        raise BBFError(f"codec {codec_id!r}: bad parameters {sorted(map(str, params or {}))}: {e}") from None
 
 
 def codec_ids() -> list[str]:

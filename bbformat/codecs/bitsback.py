@@ -42,8 +42,8 @@ import torch
 from ..errors import BBFError, FormatError, ModelError
 from ..models.arch import LAYER_ORDER, ModelDesc, Symmetry
 from ..words import to_words, word_bits, word_np_dtype, words_to_f64
-from .base import Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, Segment, group_segments, \
-    group_words, register_codec
+from .base import Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, SectionSpec, Segment, \
+    group_segments, group_words, register_codec
 from .canonical import StreamingRotator
 from .rotation import canonical_rotation, choose_signs, eig_from_words, eig_to_words, finite, n_eig_words, \
     n_rotation_words, n_sign_words, recover_rotation, rotation_from_words, serial_blas, signs_from_words, \
@@ -382,6 +382,21 @@ class BitsBackCodec(Codec):
             plan = BlockPlan(desc, i, "float16")  # the skip rule depends on shapes only, not on the dtype
             used |= {p.name for p in (plan.mid, plan.out) if p.bits_back}
         return [s for s in desc.symmetries() if s.name in used]
+
+    def section_specs(self, desc, dtype):
+        """embed/head: their words. A block: the stack's final length (11.4); its correction section: one list per
+        correction point (11.7), each at least its count byte and at most a 9-byte count plus, per position of the
+        target, a 9-byte gap and a word."""
+        out = super().section_specs(desc, dtype)
+        ws = word_bits(dtype) // 8
+        for i in range(desc.num_layers):
+            plan = BlockPlan(desc, i, dtype)
+            sizes = [n for p in (plan.mid, plan.out) if p.bits_back for n in (p.D * p.m, p.n_pop)]
+            n = plan.section_words * ws
+            out[f"layer.{i}"] = (SectionSpec("block", ws, n, n),
+                                 SectionSpec("correction", 1, len(sizes), sum(9 + k * (9 + ws) for k in sizes),
+                                             sum(sizes)))
+        return out
 
     def encoder(self, desc, dtype):
         return _Encoder(self, desc, dtype)

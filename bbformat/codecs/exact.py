@@ -27,7 +27,7 @@ import torch
 from .. import kernels
 from ..errors import BBFError, FormatError, ModelError
 from ..models.arch import ModelDesc, Symmetry
-from ..words import to_words, torch_dtype, word_np_dtype
+from ..words import to_words, torch_dtype, word_bits, word_np_dtype
 from .base import (Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, Segment, new_bytes,
                    register_codec)
 from .canonical import StreamingRotator
@@ -97,11 +97,11 @@ def carriers(desc: ModelDesc) -> dict[str, Carrier]:
     syms = desc.symmetries()
     info = desc.tensor_map()
     out: dict[str, Carrier] = {}
+    last = {a.tensor: i for i, s in enumerate(syms) for a in s.actions}  # the last symmetry acting on each tensor
     for i, sym in enumerate(syms):
-        later = {a.tensor for s in syms[i + 1:] for a in s.actions}
         for name in _candidates(desc, sym):
             t, axis = info[name], sym.action(name).axis
-            if len(t.shape) != 2 or t.group != sym.group or name in later:
+            if len(t.shape) != 2 or t.group != sym.group or last[name] > i:
                 continue
             if t.shape[axis] != sym.size or t.shape[1 - axis] < sym.size:
                 continue
@@ -324,6 +324,12 @@ class ExactCodec(Codec):
     def symmetries_removed(self, desc):
         with_carrier = carriers(desc)
         return [s for s in desc.symmetries() if s.name in with_carrier]
+
+    def section_specs(self, desc, dtype):
+        """Every group's first section holds its payload: the group's words less its carriers' structural zeros."""
+        by_tensor = {c.tensor: c for c in carriers(desc).values()}
+        return {g: self._specs(g, _Layout(desc, g, by_tensor).payload_words, word_bits(dtype) // 8)
+                for g in desc.groups()}
 
     def encoder(self, desc, dtype):
         return _ExactEncoder(self, desc, dtype)

@@ -99,6 +99,8 @@ class Footer:
         if not (PREAMBLE.size <= hoff and hoff + hlen <= ioff and index_end == footer_start):
             raise FormatError(f"footer points outside the file (header {hoff}+{hlen}, index {ioff} with {n} "
                               f"records, footer at {footer_start})")
+        if hoff % ALIGN:
+            raise FormatError(f"footer: header offset {hoff} is not a multiple of {ALIGN}")
         return cls(hoff, hlen, ioff, n, icrc, hcrc, major, minor, flags)
 
 
@@ -136,13 +138,18 @@ def parse_index(data: bytes, n: int, data_end: int) -> list[SectionRecord]:
         where = f"section {i}"
         if kind >= len(KINDS):
             raise FormatError(f"{where}: unknown section kind {kind}")
+        if comp >= len(COMPRESSIONS):
+            raise FormatError(f"{where}: unknown compression id {comp} (this reader knows 0..{len(COMPRESSIONS) - 1})")
         if ws not in (1, 2, 4):
             raise FormatError(f"{where}: bad word size {ws}")
         if rlen > MAX_SECTION_RAW or rlen % ws:
-            raise FormatError(f"{where}: bad raw length {rlen}")
+            raise FormatError(f"{where}: raw length {rlen} is over {MAX_SECTION_RAW} or not a multiple of the word "
+                              f"size {ws}")
         if off < prev_end or off + slen > data_end:
             raise FormatError(f"{where}: index points outside the data area or overlaps the previous section "
                               f"(offset {off}, length {slen}, data ends at {data_end})")
+        if off % ALIGN:
+            raise FormatError(f"{where}: offset {off} is not a multiple of {ALIGN}")
         prev_end = off + slen
         records.append(SectionRecord(KINDS[kind], comp, ws, block, off, slen, rlen, crc, ncorr, aux, i))
     return records

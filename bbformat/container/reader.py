@@ -21,14 +21,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..codecs import entropy, get_codec
+from ..codecs import entropy
 from ..codecs.base import new_bytes
-from ..errors import ChecksumError, FormatError, TruncatedError, VersionError
-from ..models.arch import ModelDesc
+from ..errors import ChecksumError, FormatError, TruncatedError
 from ..words import from_words, word_np_dtype
-from .header import check_tensor_table, parse_header
-from .layout import (FOOTER, MAJOR, PREAMBLE, RECORD, SUFFIX_GUESS, Footer, SectionRecord, check_preamble, crc32,
-                     parse_index)
+from .layout import FOOTER, PREAMBLE, RECORD, SUFFIX_GUESS, Footer, SectionRecord, check_preamble, crc32, parse_index
+from .schema import check_index, parse_header
 from ..io.fetch import FetchOptions, Prefetcher
 from ..io.store import BufferStore, Store, open_store
 
@@ -53,20 +51,16 @@ class BBFReader:
         index = tail[f.index_offset - tail_start: f.index_offset - tail_start + f.n_sections * RECORD.size]
         if crc32(index) != f.index_crc:
             raise ChecksumError("the index is corrupt (checksum mismatch)")
-        hbytes = tail[f.header_offset - tail_start: f.header_offset - tail_start + f.header_length]
+        hbytes = memoryview(tail)[f.header_offset - tail_start: f.header_offset - tail_start + f.header_length]
         if crc32(hbytes) != f.header_crc:
             raise ChecksumError("the header is corrupt (checksum mismatch)")
-        self.header: dict[str, Any] = parse_header(hbytes)
-        self._check_version()
+        # SPEC section 7, in one place (schema.py): the header, then the index against it and the codec. Nothing
+        # below allocates for a section before its record has been checked against the tensor table.
+        h = parse_header(hbytes)
+        self.header: dict[str, Any] = h.raw
+        self.model, self.dtype, self.codec, self.tensors = h.desc, h.dtype, h.codec, h.tensors
         self.sections: list[SectionRecord] = parse_index(index, f.n_sections, f.header_offset)
-        try:
-            self.model = ModelDesc.from_dict(self.header["model"])
-        except (TypeError, ValueError) as e:
-            raise FormatError(f"header: bad model description: {e}") from None
-        self.dtype: str = self.header["dtype"]
-        self.codec = get_codec(self.header["codec"]["id"], self.header["codec"].get("params", {}))
-        self.tensors = check_tensor_table(self.header, self.model)
-        self._by_group = self._map_sections()
+        self._by_group, self._aux = check_index(self.sections, h)
         self._decoder = self.codec.decoder(self.model, self.dtype)
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_groups
@@ -88,7 +82,7 @@ class BBFReader:
         return dict(self.header["metadata"])
 
     def aux_names(self) -> list[str]:
-        return [a.get("name") for a in self.header["aux"]]
+        return [a["name"] for a in self.header["aux"]]
 
     # ---- data ----------------------------------------------------------------------------------------
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -164,11 +158,8 @@ class BBFReader:
 
     def aux(self, name: str) -> bytes:
         for i, a in enumerate(self.header["aux"]):
-            if a.get("name") == name:
-                recs = [r for r in self.sections if r.kind == "aux" and r.aux_id == i]
-                if len(recs) != 1:
-                    raise FormatError(f"aux {name!r} has {len(recs)} sections, expected 1")
-                return self.read_section(recs[0])
+            if a["name"] == name:
+                return bytes(self.read_section(self._aux[i]))
         raise KeyError(f"no aux entry {name!r} in {self.url}")
 
     def read_section(self, rec: SectionRecord, out: np.ndarray | None = None, threads: bool = True,
@@ -220,41 +211,6 @@ class BBFReader:
         self.close()
 
     # ---- internals -----------------------------------------------------------------------------------
-    def _check_version(self) -> None:
-        v = self.header["format_version"]
-        try:
-            major = int(str(v).split(".")[0])
-        except ValueError:
-            raise FormatError(f"header: bad format_version {v!r}") from None
-        if major != MAJOR:
-            raise VersionError(f"format version {v} is not supported by this reader (it reads {MAJOR}.x)")
-
-    def _map_sections(self) -> dict[str, dict[str, SectionRecord]]:
-        """group -> {kind: record}; the index must hold exactly the sections the codec says each group has."""
-        by_group: dict[str, dict[str, SectionRecord]] = {}
-        for rec in self.sections:
-            if rec.kind == "aux":
-                if not 0 <= rec.aux_id < len(self.header["aux"]):
-                    raise FormatError(f"{rec.label}: no aux entry {rec.aux_id} in the header")
-                continue
-            if rec.kind in ("block", "correction"):
-                if not 0 <= rec.block < self.model.num_layers:
-                    raise FormatError(f"{rec.label}: block index outside 0..{self.model.num_layers - 1}")
-                group = f"layer.{rec.block}"
-            else:
-                group = "embed" if rec.kind == "initial" else "head"
-            kinds = by_group.setdefault(group, {})
-            if rec.kind in kinds:
-                raise FormatError(f"{rec.label}: duplicate {rec.kind} section for {group}")
-            kinds[rec.kind] = rec
-        for group in self.model.groups():
-            want = set(self.codec.sections_for(group))
-            have = set(by_group.get(group, {}))
-            if want != have:
-                raise FormatError(f"{group}: index has sections {sorted(have)}, codec "
-                                  f"{self.codec.id!r} needs {sorted(want)}")
-        return by_group
-
     def _decode_group(self, group: str, alloc=None, stored: dict | None = None) -> dict[str, torch.Tensor]:
         """alloc(nbytes) -> a writable uint8 array for the decoded words (default: a new array per section). With
         an alloc (a whole-model load, whose groups run in parallel) each section decodes on the calling thread.

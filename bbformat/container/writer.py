@@ -6,7 +6,10 @@
 
 Memory is bounded by one group: each group is encoded, passed through the entropy stage, checksummed and written
 before the next one is accepted. The header, index and footer go at the end; the file appears under its name only
-when `close()` succeeds.
+when `close()` succeeds. Until then the bytes are in a hidden temporary next to the target,
+`.NAME.tmp-XXXXXXXXXXXX` (AtomicSink, io/store.py): any failure (a full disk, a directory in the way, an exception
+in the caller's `with` block) removes it and leaves an existing target untouched; a killed writer's temporary is
+removed by the next write to the same target.
 """
 
 from __future__ import annotations
@@ -75,9 +78,18 @@ class BBFWriter:
         self._pending_aux.append(bytes(data))
 
     def close(self) -> None:
+        """Write the aux sections, header, index and footer, then move the file onto its name. An incomplete file
+        raises (the writer can still be completed or aborted); any other failure aborts: nothing is left behind."""
         if self._next != len(self._groups):
             raise BBFError(f"file incomplete: {self._next} of {len(self._groups)} groups written "
                            f"(next expected {self._groups[self._next]!r})")
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> None:
         for i, data in enumerate(self._pending_aux):
             self._write_section(SectionData("aux", data, 1), -1, aux_id=i)
         self._stats["codec"] = self._encoder.finish()
@@ -100,7 +112,11 @@ class BBFWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
 

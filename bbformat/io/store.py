@@ -12,11 +12,19 @@ import builtins
 import concurrent.futures
 import mmap
 import os
+import re
+import stat
+import time
 import uuid
 
 import fsspec
 
-from ..errors import BBFError, TruncatedError
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no automatic removal of a dead writer's temporary
+    fcntl = None
+
+from ..errors import BBFError, TruncatedError, WriteError
 from .fetch import Fetcher, FetchOptions, FetchStats, done
 
 
@@ -174,43 +182,182 @@ def _remote_defaults(url: str, storage_options: dict | None, options: FetchOptio
     return opts
 
 
-class AtomicSink:
-    """A writable file that appears under its final name only when `commit()` is called.
+TEMP_INFIX = ".tmp-"  # a target's hidden temporary: "." + its name + ".tmp-" + 12 hex digits, in its directory
+STALE_AFTER = 2.0  # seconds an unlocked temporary must be unchanged before another writer removes it
 
-    Local files: a hidden temporary in the same directory, then os.replace. Other fsspec targets: a temporary
-    key, then fs.mv. An exception (or a kill) leaves no partial file under the final name.
+
+class AtomicSink:
+    """A writable file that appears under its final name only when `commit()` succeeds; any failure removes what was
+    written and leaves an existing target untouched. Every failure is a WriteError naming the target and the cause.
+
+    Local files: the bytes go to a hidden temporary `.NAME.tmp-XXXXXXXXXXXX` (12 hex digits) in the target's
+    directory, held under an exclusive `flock` while it is written, then `os.replace`d onto the target. Missing
+    parent directories are created (and removed again if the write fails). A killed writer (SIGKILL, power loss)
+    cannot clean up; its temporary stays, and the next AtomicSink for the same target removes every temporary of
+    that target that no live writer holds locked and that has not changed for STALE_AFTER seconds. Other fsspec
+    targets: a temporary key of the same name, then fs.mv (S3 shows no object for an interrupted upload; a kill
+    between upload and rename leaves the temporary key, which is not removed automatically).
+
+    Also a context manager: commit on success, abort on an exception.
     """
 
     def __init__(self, url: str, storage_options: dict | None = None):
-        self.fs, self.path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        self.url, self.pos, self.f = str(url), 0, None
+        self.error: WriteError | None = None  # the failure that aborted a write()
+        self._made: list[str] = []  # directories this sink created, deepest last
+        self._done = False
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ImportError, OSError, ValueError, TypeError) as e:
+            raise WriteError(f"cannot write {self.url}: {e}") from None
+        self.local = _is_local(self.fs)
         head, tail = os.path.split(self.path.rstrip("/"))
-        self.tmp = os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}") if head else \
-            f".{tail}.tmp-{uuid.uuid4().hex[:12]}"
-        if _is_local(self.fs) and head:
-            os.makedirs(head, exist_ok=True)
-        self.f = self.fs.open(self.tmp, "wb")
-        self.pos = 0
+        if not tail:
+            raise WriteError(f"cannot write {self.url}: it names no file")
+        name = f".{tail}{TEMP_INFIX}{uuid.uuid4().hex[:12]}"
+        self.tmp = os.path.join(head, name) if head else name
+        try:
+            if self.local:
+                self._open_local(head or ".", tail)
+            else:
+                self.f = self.fs.open(self.tmp, "wb")
+        except WriteError:
+            self.abort()
+            raise
+        except Exception as e:  # OSError, and whatever an fsspec backend raises
+            self.abort()
+            raise WriteError(f"cannot write {self.url}: {_reason(e)}") from None
+
+    def _open_local(self, head: str, tail: str) -> None:
+        path = self.path
+        if self.path.endswith(os.sep) or os.path.isdir(path):
+            raise WriteError(f"cannot write {self.url}: it is a directory")
+        if os.path.isfile(path):
+            st = os.stat(path)
+            if not st.st_mode & 0o222 or not os.access(path, os.W_OK):
+                raise WriteError(f"cannot write {self.url}: it exists and is read-only")
+        self._makedirs(head)
+        remove_stale_temps(head, tail)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self.f = builtins.open(fd, "wb")
+        if fcntl is not None:  # held until the file is closed, by the kernel: a dead writer's lock is gone
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _makedirs(self, head: str) -> None:
+        missing, d = [], os.path.abspath(head)
+        while not os.path.isdir(d):
+            if os.path.lexists(d):
+                raise WriteError(f"cannot write {self.url}: {d} is not a directory")
+            missing.append(d)
+            parent = os.path.dirname(d)
+            if parent == d:
+                break
+            d = parent
+        for d in reversed(missing):
+            os.mkdir(d)
+            self._made.append(d)
 
     def write(self, data: bytes | memoryview) -> int:
-        self.f.write(data)
+        if self._done or self.f is None:
+            raise WriteError(f"cannot write {self.url}: the output was already closed or aborted")
+        try:
+            self.f.write(data)
+        except Exception as e:  # ENOSPC, EIO, EFBIG, a remote failure: nothing may stay behind
+            self.abort()
+            self.error = WriteError(f"cannot write {self.url}: {_reason(e)}")
+            raise self.error from None
         self.pos += len(data)
         return self.pos
 
+    def flush(self) -> None:
+        """(For writers that expect a file object, e.g. torch.save.)"""
+
     def commit(self) -> None:
-        self.f.close()
-        if _is_local(self.fs):
-            os.replace(self.tmp, self.path)
-        else:
-            self.fs.mv(self.tmp, self.path)
+        """Close the temporary and move it onto the target; on any failure remove it (WriteError)."""
+        if self._done or self.f is None:
+            raise WriteError(f"cannot write {self.url}: the output was already closed or aborted")
+        try:
+            f, self.f = self.f, None
+            f.close()  # flushes: a full disk can surface here
+            if self.local:
+                os.replace(self.tmp, self.path)
+            else:
+                self.fs.mv(self.tmp, self.path)
+        except Exception as e:
+            self.abort()
+            raise WriteError(f"cannot write {self.url}: {_reason(e)}") from None
+        self._done = True
 
     def abort(self) -> None:
-        try:
-            self.f.close()
-        finally:
+        """Remove the temporary (and the directories this sink created). Never raises; safe to call twice."""
+        if self._done:
+            return
+        self._done = True
+        if self.f is not None:
             try:
-                self.fs.rm(self.tmp)
-            except (OSError, FileNotFoundError):
+                self.f.close()
+            except Exception:  # the flush fails again on a full disk; the file is closed all the same
                 pass
+            self.f = None
+        try:
+            if self.local:
+                os.unlink(self.tmp)
+            else:
+                self.fs.rm(self.tmp)
+        except Exception:  # never created, or already gone
+            pass
+        for d in reversed(self._made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+    def __enter__(self) -> "AtomicSink":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def remove_stale_temps(directory: str, name: str) -> list[str]:
+    """Remove the temporaries of target `name` in `directory` that their writer left behind when it died: those no
+    process holds locked (a live AtomicSink always does) and unchanged for STALE_AFTER seconds. Returns their paths."""
+    if fcntl is None:
+        return []
+    pattern = re.compile(re.escape(f".{name}{TEMP_INFIX}") + r"[0-9a-f]{12}")
+    try:
+        names = [n for n in os.listdir(directory) if pattern.fullmatch(n)]
+    except OSError:
+        return []
+    removed = []
+    for n in names:
+        p = os.path.join(directory, n)
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime >= STALE_AFTER:
+                os.unlink(p)
+                removed.append(p)
+        except OSError:  # locked by a live writer, or gone meanwhile
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as the one-line cause of a WriteError."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f" ({e.filename})" if e.filename else "")
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _protocols(fs) -> tuple[str, ...]:

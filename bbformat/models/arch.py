@@ -12,13 +12,24 @@ i.e. axis 0: W <- R^T W (and b <- R^T b), axis 1: W <- W R. That is exactly Rema
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+import numbers
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import ModelError
 
 FAMILIES = ("llama", "opt")
+ACTIVATIONS = ("silu", "relu", "gelu")  # what SlicedLM runs (llama: gated silu; opt: relu)
 SLICEGPT_RMS_EPS = 1e-5  # SliceGPT's weightless RMS norm uses 1e-5 whatever the config says
+
+# Limits on a model description (SPEC.md section 7). Far above any real model, low enough that nothing derived from
+# them (tensor counts, shapes, the symmetries) costs a reader more than the header that declares them.
+MAX_WIDTH = 1 << 20  # hidden_size, every width, num_heads, num_kv_heads, head_dim
+MAX_FFN = 1 << 24  # intermediate_size
+MAX_LAYERS = 1 << 13  # 60x the deepest released LLM; keeps a header within the object limits of schema.py
+MAX_VOCAB = 1 << 32  # vocab_size, max_position_embeddings, token ids
+_MAX_DEPTH = 16  # nesting of the free-form maps (rope_scaling, extra)
 
 
 @dataclass(frozen=True)
@@ -90,29 +101,53 @@ class ModelDesc:
 
     # ---- construction and validation -------------------------------------------------------------------
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ModelError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
-        L = self.num_layers
+        """Every field is checked for type and range, then across fields; a bad one is a ModelError naming it. The
+        reader (SPEC section 7), the importers and the writer all build descriptions through here."""
+        put = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 (frozen dataclass)
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
+            raise ModelError(f"family {_show(self.family)} is not one of {FAMILIES}")
+        put("hidden_size", _int("hidden_size", self.hidden_size, 1, MAX_WIDTH))
+        put("num_layers", _int("num_layers", self.num_layers, 1, MAX_LAYERS))
+        put("vocab_size", _int("vocab_size", self.vocab_size, 1, MAX_VOCAB))
+        put("num_heads", _int("num_heads", self.num_heads, 1, MAX_WIDTH))
+        put("num_kv_heads", _int("num_kv_heads", self.num_kv_heads, 1, self.num_heads))
+        put("head_dim", _int("head_dim", self.head_dim, 1, MAX_WIDTH))
+        put("intermediate_size", _int("intermediate_size", self.intermediate_size, 1, MAX_FFN))
+        put("max_position_embeddings", _int("max_position_embeddings", self.max_position_embeddings, 1, MAX_VOCAB))
+        d, L = self.hidden_size, self.num_layers
         for name in ("attn_input_dims", "attn_output_dims", "mlp_input_dims", "mlp_output_dims"):
-            v = tuple(int(x) for x in getattr(self, name))
-            object.__setattr__(self, name, v)
-            if len(v) != L:
-                raise ModelError(f"{name} has {len(v)} entries for {L} layers")
-            if any(not 0 < x <= self.hidden_size for x in v):
-                raise ModelError(f"{name} has a width outside 1..{self.hidden_size}: {v}")
-        object.__setattr__(self, "embedding_dims", tuple(int(x) for x in self.embedding_dims))
+            put(name, _ints(name, getattr(self, name), L, d))
         want_emb = 2 if self.family == "opt" else 1
-        if len(self.embedding_dims) != want_emb:
-            raise ModelError(f"{self.family} needs {want_emb} embedding dimensions, got {self.embedding_dims}")
+        put("embedding_dims", _ints("embedding_dims", self.embedding_dims, want_emb, d))
+        for name in ("lm_head_bias", "attention_bias", "mlp_bias", "tie_word_embeddings", "do_slice_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelError(f"{name} must be true or false, got {_show(getattr(self, name))}")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise ModelError(f"activation {_show(self.activation)} is not one of {ACTIVATIONS}")
+        put("rope_theta", _positive("rope_theta", self.rope_theta))
+        put("rms_eps", _positive("rms_eps", self.rms_eps))
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ModelError(f"rope_scaling must be a map or null, got {_show(self.rope_scaling)}")
+            _check_plain("rope_scaling", self.rope_scaling)
+        for name in ("bos_token_id", "eos_token_id"):
+            put(name, _token_ids(name, getattr(self, name)))
+        if not isinstance(self.extra, dict):
+            raise ModelError(f"extra must be a map, got {_show(self.extra)}")
+        _check_plain("extra", self.extra)
+        # across fields: the widths chain from block to block (SliceGPT's slicing config)
         if len(set(self.embedding_dims)) != 1 or self.embedding_dims[0] != self.attn_input_dims[0]:
-            raise ModelError("embedding widths must equal layer 0's attention input width")
+            raise ModelError(f"embedding_dims {list(self.embedding_dims)} must equal layer 0's attention input width "
+                             f"{self.attn_input_dims[0]}")
         for i in range(L):
             if self.attn_output_dims[i] != self.mlp_input_dims[i]:
-                raise ModelError(f"layer {i}: attention output width != MLP input width")
+                raise ModelError(f"layer {i}: attn_output_dims ({self.attn_output_dims[i]}) != mlp_input_dims "
+                                 f"({self.mlp_input_dims[i]})")
             if i + 1 < L and self.mlp_output_dims[i] != self.attn_input_dims[i + 1]:
-                raise ModelError(f"layer {i}: MLP output width != layer {i + 1}'s attention input width")
+                raise ModelError(f"layer {i}: mlp_output_dims ({self.mlp_output_dims[i]}) != layer {i + 1}'s "
+                                 f"attn_input_dims ({self.attn_input_dims[i + 1]})")
         if self.num_heads % self.num_kv_heads:
-            raise ModelError("num_heads must be a multiple of num_kv_heads")
+            raise ModelError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,11 +158,20 @@ class ModelDesc:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelDesc":
+        """A description from its map (the header's `model`, or the JSON's `bbformat_model`); unknown keys are
+        ignored (SPEC section 8), a missing or bad field is a ModelError naming it."""
+        if not isinstance(d, dict):
+            raise ModelError(f"the model description must be a map, got {_show(d)}")
         known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})  # unknown keys are ignored (SPEC)
-        except TypeError as e:
-            raise ModelError(f"model description is incomplete: {e}") from None
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ModelError(f"the model description has no {missing[0]!r}")
+        return cls(**{k: v for k, v in d.items() if isinstance(k, str) and k in known})
+
+    def num_tensors(self) -> int:
+        """len(tensors()), without building the tensor list."""
+        return len(self.embed_names()) + self.num_layers * len(self.layer_names(0)) + len(self.head_names())
 
     # ---- SliceGPT config (the sibling .json) ----------------------------------------------------------
     def slicing_config(self) -> dict[str, Any]:
@@ -300,3 +344,71 @@ def apply_rotation(tensors: dict, sym: Symmetry, R, only: set[str] | None = None
         else:
             y = x @ R
         tensors[a.tensor] = y.to(t.dtype)
+
+
+# ---- field checks (ModelDesc.__post_init__) ------------------------------------------------------------------
+def _show(v: Any) -> str:
+    """A value as messages quote it: short, with its type."""
+    r = repr(v)
+    return f"{r[:40] + '...' if len(r) > 40 else r} ({type(v).__name__})"
+
+
+def _int(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ModelError(f"{name} must be an integer, got {_show(v)}")
+    if not lo <= int(v) <= hi:
+        raise ModelError(f"{name} = {int(v)} is outside {lo}..{hi}")
+    return int(v)
+
+
+def _ints(name: str, v: Any, n: int, hi: int) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise ModelError(f"{name} must be a list of {n} widths, got {_show(v)}")
+    if len(v) != n:
+        raise ModelError(f"{name} has {len(v)} entries, expected {n}")
+    return tuple(_int(f"{name}[{i}]", x, 1, hi) for i, x in enumerate(v))
+
+
+def _positive(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) <= 0:
+        raise ModelError(f"{name} must be a finite positive number, got {_show(v)}")
+    return float(v)
+
+
+def _token_ids(name: str, v: Any):
+    """None, a token id, or a list of them (HF configs may list several eos tokens); lists become tuples."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        if len(v) > 1024:
+            raise ModelError(f"{name} lists {len(v)} token ids, more than 1024")
+        return tuple(_int(f"{name}[{i}]", x, 0, MAX_VOCAB) for i, x in enumerate(v))
+    return _int(name, v, 0, MAX_VOCAB)
+
+
+def _check_plain(name: str, v: Any, depth: int = 0) -> None:
+    """`v` holds only what JSON and msgpack both store: null, bools, integers, finite floats, strings, lists and maps
+    with string keys, nested at most _MAX_DEPTH deep (bbf decode writes it to a JSON file)."""
+    if depth > _MAX_DEPTH:
+        raise ModelError(f"{name} is nested more than {_MAX_DEPTH} deep")
+    if v is None or isinstance(v, (bool, str)):
+        return
+    if isinstance(v, int):
+        if not -(1 << 63) <= v < 1 << 64:
+            raise ModelError(f"{name} = {v} is outside the 64-bit range")
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ModelError(f"{name} = {v} is not finite")
+        return
+    if isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            _check_plain(f"{name}[{i}]", x, depth + 1)
+        return
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise ModelError(f"{name} has a key {_show(k)} that is not a string")
+            _check_plain(f"{name}.{k}", x, depth + 1)
+        return
+    raise ModelError(f"{name} holds {_show(v)}: only null, booleans, numbers, strings, lists and maps are allowed")

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import BBFError, ModelError
 from .arch import ModelDesc
+from .gguf_check import check_gguf
 from .slicegpt_io import hf_desc, read_hf_config
 
 TOKENIZER_FORMAT = "bbformat.tokenizer/1"
@@ -26,6 +27,7 @@ def _source(path) -> tuple[str, dict[str, Any]]:
     """(directory, extra from_pretrained kwargs) for a local HF directory or a .gguf file."""
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
+        check_gguf(p)  # bounded checks first: transformers trusts every count and fills missing keys with defaults
         return str(p.parent), {"gguf_file": p.name, "local_files_only": True}
     if p.is_dir() and (p / "config.json").is_file():
         return str(p), {"local_files_only": True}
