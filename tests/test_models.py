@@ -225,3 +225,38 @@ def test_import_unknown_model_needs_config(tmp_path):
            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 300, "max_position_embeddings": 64}
     desc2, _ = load_slicegpt(path, config=cfg)
     assert desc2 == desc
+
+
+class _ListCache:
+    """The cache contract the forward relies on (transformers' Cache.update / get_seq_length), in ten lines."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def update(self, k, v, layer_idx):
+        if layer_idx in self.kv:
+            k0, v0 = self.kv[layer_idx]
+            k, v = torch.cat([k0, k], 2), torch.cat([v0, v], 2)
+        self.kv[layer_idx] = (k, v)
+        return k, v
+
+    def get_seq_length(self):
+        return self.kv[0][0].shape[2] if self.kv else 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_forward_in_pieces_equals_one_forward(family):
+    """Tokens fed in pieces through a cache (one token, then several: the causal mask over cached keys, then one)
+    give the logits of one full forward."""
+    from bbformat.models.sliced import forward_hidden, logits_of
+
+    desc = tiny_desc(family)
+    model = SlicedLM(desc, random_slicegpt(desc, seed=9), dtype=torch.float64)
+    ids = _ids(desc, B=2, T=11)
+    full = model(ids)
+    cache, parts = _ListCache(), []
+    for a, b in ((0, 1), (1, 6), (6, 7), (7, 11)):
+        parts.append(logits_of(model, forward_hidden(model, ids[:, a:b], cache=cache)))
+    got = torch.cat(parts, 1)
+    assert cache.get_seq_length() == 11
+    assert (got - full).abs().max() < 1e-12 * full.abs().max()

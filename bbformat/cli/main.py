@@ -18,7 +18,7 @@ from ..container.writer import save
 from ..errors import BBFError
 from ..words import WORD_DTYPES, dtype_name, words_to_f64
 from . import inspect as inspect_cmd
-from .common import add_storage_args, fetch_options, run_cli, storage_options
+from .common import EXIT_CODES, add_storage_args, fetch_options, run_cli, storage_options
 
 
 def _codec(args) -> tuple[str, dict]:
@@ -32,32 +32,64 @@ def _codec(args) -> tuple[str, dict]:
 
 
 # ---- encode ----------------------------------------------------------------------------------------------
+def _checkpoint(args):
+    """The SliceGPT checkpoint an encode/verify input names (a file or its directory) and what lies beside it."""
+    from ..models.slicegpt_dir import resolve_checkpoint
+
+    return resolve_checkpoint(args.input if args.cmd == "encode" else args.against, args.slicing_json, args.config)
+
+
+def _tokenizer_aux(tokenizer) -> dict:
+    from ..models.hf import tokenizer_bytes
+    from ..models.loader import TOKENIZER_AUX, TOKENIZER_MEDIA_TYPE
+
+    return {TOKENIZER_AUX: (tokenizer_bytes(tokenizer), TOKENIZER_MEDIA_TYPE)}
+
+
 def cmd_encode(args) -> int:
+    from ..models.slicegpt_dir import load_tokenizer
     from ..models.slicegpt_io import load_slicegpt
 
     codec, params = _codec(args)
-    desc, tensors = load_slicegpt(args.input, args.slicing_json, args.config)
+    ck = _checkpoint(args)
+    tok_src = args.tokenizer or ck.tokenizer
+    tokenizer = load_tokenizer(tok_src) if tok_src is not None and not args.no_tokenizer else None
+    desc, tensors = load_slicegpt(ck.path, ck.json_path, ck.config)
     dtype = args.dtype or dtype_name(next(iter(tensors.values())).dtype)
     t0 = time.perf_counter()
     save(tensors, args.output, model=desc, codec=codec, codec_params=params, dtype=dtype,
-         metadata={"source": Path(args.input).name}, storage_options=storage_options(args), progress=not args.quiet)
+         metadata={"source": ck.path.name}, aux=_tokenizer_aux(tokenizer) if tokenizer is not None else None,
+         storage_options=storage_options(args), progress=not args.quiet)
     if not args.quiet:
-        print(f"wrote {args.output} ({codec}, {dtype}) in {time.perf_counter() - t0:.1f} s")
+        tok = f"tokenizer from {tok_src}" if tokenizer is not None else "no tokenizer (none beside the input; " \
+            "--tokenizer DIR_OR_GGUF adds one)"
+        print(f"wrote {args.output} ({codec}, {dtype}, {tok}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 # ---- decode ----------------------------------------------------------------------------------------------
 def cmd_decode(args) -> int:
-    from ..models.slicegpt_io import save_slicegpt
+    from ..models.slicegpt_io import description_path, save_slicegpt
+
+    from ..models.loader import TOKENIZER_AUX
+    from ..models.slicegpt_dir import write_beside
 
     if not args.output.endswith((".pt", ".safetensors")):
         raise BBFError("-o must end in .pt (SliceGPT layout) or .safetensors")
     with BBFReader(args.input, storage_options(args), fetch=fetch_options(args)) as f:
         tensors = f.load_all()
-        desc = f.model
+        desc, dtype = f.model, f.dtype
+        tokenizer = None
+        if TOKENIZER_AUX in f.aux_names():
+            from ..models.hf import tokenizer_from_bytes
+
+            tokenizer = tokenizer_from_bytes(f.aux(TOKENIZER_AUX))
     ckpt, js = save_slicegpt(desc, tensors, args.output)
+    extra = write_beside(ckpt, desc, tokenizer, dtype)
     if not args.quiet:
-        print(f"wrote {ckpt} and {js}")
+        names = ", ".join(p.name for p in extra)
+        print(f"wrote {ckpt}, {js} (SliceGPT's slicing config), {description_path(ckpt).name} (bbformat's "
+              f"description)" + (f" and {names}" if names else ""))
     return 0
 
 
@@ -72,14 +104,19 @@ def canonical_words(desc, tensors, codec, dtype):
 def cmd_verify(args) -> int:
     from ..models.slicegpt_io import load_slicegpt
 
+    ck = _checkpoint(args)  # a missing --against is named before the .bbf is opened
     with BBFReader(args.input, storage_options(args), fetch=fetch_options(args)) as f:
-        desc, tensors = load_slicegpt(args.against, args.slicing_json, args.config)
+        desc, tensors = load_slicegpt(ck.path, ck.json_path, ck.config)
         if desc.tensors() != f.model.tensors():
             raise BBFError(f"{args.against} does not have the layout of {args.input}")
         tau = float(f.codec.params().get("threshold", 0.0))
         rows, worst = [], 0.0
-        decoded_groups = dict(f.stream())
-        for group, canon in canonical_words(desc, tensors, f.codec, f.dtype):
+        from tqdm.auto import tqdm
+
+        n = len(desc.groups())
+        bar = dict(total=n, unit="group", file=sys.stderr, leave=False, disable=args.quiet)  # stdout: the result
+        decoded_groups = dict(tqdm(f.stream(), desc="decode", **bar))
+        for group, canon in tqdm(canonical_words(desc, tensors, f.codec, f.dtype), desc="compare", **bar):
             for name, words in canon.items():
                 want = words_to_f64(words, f.dtype)
                 got = decoded_groups[group][name].to(torch.float64).numpy()
@@ -112,6 +149,13 @@ def cmd_slice(args) -> int:
 
     if not 0 <= args.sparsity < 1:
         raise BBFError("--sparsity must be in [0, 1)")
+    if args.calib_offset < 0 or args.calib_samples < 1 or args.calib_len < 2:
+        raise BBFError("need --calib-offset >= 0, --calib-samples >= 1 and --calib-len >= 2")
+    if not Path(args.calib).is_file():
+        raise BBFError(f"calibration text {args.calib} does not exist")
+    pt_out = args.output.endswith((".pt", ".safetensors"))
+    if not pt_out:
+        _codec(args)  # a bad codec is refused before the model is loaded
     model, tokenizer, _ = load_hf(args.model)
     if tokenizer is None:
         raise BBFError(f"{args.model} has no tokenizer to read the calibration text with")
@@ -119,14 +163,19 @@ def cmd_slice(args) -> int:
     start = args.calib_offset
     n = args.calib_samples * args.calib_len
     if ids.numel() < start + n:
-        raise BBFError(f"{args.calib} has {ids.numel()} tokens; calibration needs {start + n} "
-                       f"(offset {start} + {args.calib_samples} x {args.calib_len})")
+        raise BBFError(f"{args.calib} has {ids.numel():,} tokens; calibration needs {start + n:,} (--calib-offset "
+                       f"{start} + --calib-samples {args.calib_samples} x --calib-len {args.calib_len})")
     calib = ids[start: start + n].reshape(args.calib_samples, args.calib_len)
     dtype = args.dtype
     desc, tensors = slice_model(model, calib, args.sparsity, dtype=WORD_DTYPES[dtype][0], progress=not args.quiet)
     del model
-    if args.output.endswith((".pt", ".safetensors")):
-        save_slicegpt(desc, tensors, args.output)
+    if "://" not in args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    if pt_out:  # a SliceGPT directory: checkpoint, slicing config, HF config.json, tokenizer files
+        from ..models.slicegpt_dir import write_beside
+
+        ckpt, _ = save_slicegpt(desc, tensors, args.output)
+        write_beside(ckpt, desc, tokenizer, dtype)
     else:
         codec, params = _codec(args)
         meta = {"source": str(args.model), "sparsity": str(args.sparsity), "calibration":
@@ -143,19 +192,33 @@ def cmd_slice(args) -> int:
 def cmd_eval(args) -> int:
     from ..evaluate import perplexity, tokenize_text
 
+    # the arguments are checked before the model is loaded
+    stride = args.stride or args.ctx
+    if args.ctx < 2 or not 0 < stride <= args.ctx:
+        raise BBFError(f"need --ctx >= 2 and 0 < --stride <= --ctx, got ctx {args.ctx}, stride {stride}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise BBFError("--max-tokens must be at least 2")
+    if not Path(args.text).is_file():
+        raise BBFError(f"text file {args.text} does not exist")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise BBFError(f"tokenizer source {args.tokenizer} does not exist")
+    if not ("://" in args.model or Path(args.model).exists()):
+        raise BBFError(f"model {args.model} does not exist")
     t0 = time.perf_counter()
     model, tokenizer = _load_any(args.model, args)
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from ..models.slicegpt_dir import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer is None:
-        raise BBFError(f"{args.model} carries no tokenizer; pass --tokenizer DIR")
+        raise BBFError(f"{args.model} carries no tokenizer; pass --tokenizer DIR_OR_GGUF")
     ids = tokenize_text(tokenizer, args.text, max_tokens=args.max_tokens)
     load_s = time.perf_counter() - t0
-    ppl = perplexity(model, ids, ctx=args.ctx, stride=args.stride or args.ctx, progress=not args.json)
+    if hasattr(model, "generation_config"):  # a transformers model: windows need no KV cache
+        model.config.use_cache = False
+    ppl = perplexity(model, ids, ctx=args.ctx, stride=stride, progress=not args.quiet)  # progress: on stderr
     result = {"model": args.model, "text": args.text, "tokens": int(ids.numel()), "ctx": args.ctx,
-              "stride": args.stride or args.ctx, "perplexity": ppl, "load_seconds": round(load_s, 2),
+              "stride": stride, "perplexity": ppl, "load_seconds": round(load_s, 2),
               "eval_seconds": round(time.perf_counter() - t0 - load_s, 2)}
     print(json.dumps(result) if args.json else
           f"perplexity {ppl:.2f} on {result['tokens']:,} tokens of {Path(args.text).name} "
@@ -164,15 +227,15 @@ def cmd_eval(args) -> int:
 
 
 def _load_any(model: str, args):
-    """A .bbf (path or URL) -> our SlicedLM; a HF dir / .gguf -> the HF model."""
-    if model.endswith(".gguf") or Path(model).is_dir():
+    """A .bbf (path or URL) or a save_pretrained directory -> SlicedForCausalLM; a HF dir / .gguf -> the HF model."""
+    if model.endswith(".gguf") or (Path(model).is_dir() and not (Path(model) / "model.bbf").is_file()):
         from ..models.hf import load_hf
 
         m, tok, _ = load_hf(model)
         return m, tok
     from ..models.loader import load_pretrained
 
-    return load_pretrained(model, storage_options(args), progress=not getattr(args, "json", False),
+    return load_pretrained(model, storage_options(args), progress=not getattr(args, "quiet", False),
                            fetch=fetch_options(args))
 
 
@@ -183,7 +246,14 @@ def cmd_serve(args) -> int:
     rate = args.rate * 1e6 if args.rate else None  # MB/s -> bytes/s
     conn_rate = args.conn_rate * 1e6 if args.conn_rate else None
     latency = args.latency / 1e3 if args.latency else None  # ms -> s
-    server, url = start_server(args.directory, args.host, args.port, rate=rate, conn_rate=conn_rate, latency=latency)
+    if not Path(args.directory).is_dir():
+        raise BBFError(f"cannot serve {args.directory}: no such directory")
+    try:
+        _check_port(args.host, args.port)  # before the server exists: a failed bind is then one clean line
+        server, url = start_server(args.directory, args.host, args.port, rate=rate, conn_rate=conn_rate,
+                                   latency=latency)
+    except OSError as e:
+        raise _listen_error(args.host, args.port, e) from None
     caps = [f"{args.rate:g} MB/s in all" if rate else "", f"{args.conn_rate:g} MB/s per response" if conn_rate else "",
             f"{args.latency:g} ms first-byte latency" if latency else ""]
     caps = "; " + ", ".join(c for c in caps if c) if any(caps) else ""
@@ -197,45 +267,87 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _check_port(host: str, port: int) -> None:
+    """Bind (host, port) once the way the server will (SO_REUSEADDR), to report a busy port before serving."""
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+
+
+def _listen_error(host: str, port: int, e: OSError) -> BBFError:
+    import errno
+
+    if e.errno == errno.EADDRINUSE:
+        return BBFError(f"port {port} on {host} is already in use (another server?); pick another with --port, "
+                        "or --port 0 for any free port")
+    return BBFError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+
 # ---- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bbf", description="Store SliceGPT-pruned LLMs in fewer bits (.bbf files).")
+    p = argparse.ArgumentParser(prog="bbf", description="Store SliceGPT-pruned LLMs in fewer bits (.bbf files).",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"bbformat {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def codec_args(q, default="exact"):
+    def codec_args(q, default="exact", dtype_default=None):
         q.add_argument("--codec", choices=codec_ids(), default=default, help=f"symmetry codec (default {default})")
         q.add_argument("--threshold", type=float, default=None,
-                       help="bitsback: correct every decoded value further than this from the original")
-        q.add_argument("--dtype", choices=list(WORD_DTYPES), default=None, help="word dtype stored in the file")
+                       help="bitsback: correct every decoded value further than this from the original "
+                            "(default: the codec's, 0.005)")
+        q.add_argument("--dtype", choices=list(WORD_DTYPES), default=dtype_default,
+                       help="word dtype stored in the file (default " +
+                            (dtype_default or "the checkpoint's dtype") + ")")
 
     def source_args(q):
-        q.add_argument("--slicing-json", default=None, help="SliceGPT slicing config (default: INPUT with .json)")
-        q.add_argument("--config", default=None, help="HF config.json of the source model (heads, rope), if the "
-                                                      "slicing JSON does not carry a bbformat description")
+        q.add_argument("--slicing-json", default=None,
+                       help="SliceGPT slicing config (default: the checkpoint's name with .json)")
+        q.add_argument("--config", default=None,
+                       help="HF config.json of the source model, for heads and rope when no bbformat description "
+                            "is beside the checkpoint (default: the config.json beside it, if any)")
 
-    q = sub.add_parser("encode", help="SliceGPT checkpoint (.pt or .safetensors + .json) -> .bbf")
-    q.add_argument("input")
-    q.add_argument("-o", "--output", required=True)
+    def quiet(q, what="the progress bars and the summary line"):
+        q.add_argument("-q", "--quiet", action="store_true", help=f"suppress {what} (default: shown)")
+
+    checkpoint_help = ("SliceGPT checkpoint: <name>_<sparsity>.pt or .safetensors with its .json, or the directory "
+                       "SliceGPT saved it in (with its config.json and tokenizer files)")
+    q = sub.add_parser("encode", help="SliceGPT checkpoint (.pt or .safetensors + .json, or its directory) -> .bbf")
+    q.add_argument("input", help=checkpoint_help)
+    q.add_argument("-o", "--output", required=True, help="the .bbf to write (path or URL)")
     codec_args(q)
     source_args(q)
-    q.add_argument("-q", "--quiet", action="store_true")
+    q.add_argument("--tokenizer", default=None, metavar="DIR_OR_GGUF",
+                   help="store this tokenizer in the file: a directory with tokenizer files or a .gguf (default: "
+                        "the tokenizer files beside the checkpoint, if any)")
+    q.add_argument("--no-tokenizer", action="store_true", help="store no tokenizer (default: store one if found)")
+    quiet(q)
     add_storage_args(q, reads=False)
     q.set_defaults(fn=cmd_encode)
 
-    q = sub.add_parser("decode", help=".bbf -> SliceGPT layout .pt (+ .json) or .safetensors (+ .json)")
-    q.add_argument("input")
-    q.add_argument("-o", "--output", required=True)
-    q.add_argument("-q", "--quiet", action="store_true")
+    q = sub.add_parser("decode", help=".bbf -> SliceGPT layout: .pt or .safetensors, its .json, config.json and "
+                                      "tokenizer files")
+    q.add_argument("input", help=".bbf path or URL")
+    q.add_argument("-o", "--output", required=True,
+                   help="<name>_<sparsity>.pt (SliceGPT layout) or .safetensors; beside it go SliceGPT's slicing "
+                        "config (.json), bbformat's description (.bbformat.json) and, where absent, the HF "
+                        "config.json and the tokenizer files")
+    quiet(q, "the summary line")
     add_storage_args(q)
     q.set_defaults(fn=cmd_decode)
 
     q = sub.add_parser("verify", help="compare a .bbf with the checkpoint it was made from")
-    q.add_argument("input")
-    q.add_argument("--against", required=True, help="the original SliceGPT checkpoint")
+    q.add_argument("input", help=".bbf path or URL")
+    q.add_argument("--against", required=True, help="the original " + checkpoint_help)
     source_args(q)
-    q.add_argument("--json", action="store_true")
-    q.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
+    q.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
+    q.add_argument("-v", "--verbose", action="store_true",
+                   help="one line per tensor (default: only tensors with errors, at most 20)")
+    quiet(q, "the progress bars (on stderr)")
     add_storage_args(q)
     q.set_defaults(fn=cmd_verify)
 
@@ -244,38 +356,46 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=inspect_cmd.run)
 
     q = sub.add_parser("slice", help="slice a Hugging Face model (dir or .gguf) with SliceGPT's procedure")
-    q.add_argument("model")
-    q.add_argument("--sparsity", type=float, required=True)
-    q.add_argument("--calib", required=True, help="plain-text calibration file")
-    q.add_argument("--calib-samples", type=int, default=32)
-    q.add_argument("--calib-len", type=int, default=512)
-    q.add_argument("--calib-offset", type=int, default=20480,
-                   help="first calibration token (default 20480: after the first 20,480 tokens used for eval)")
-    q.add_argument("-o", "--output", required=True, help=".bbf (any codec) or SliceGPT .pt / .safetensors")
-    codec_args(q)
-    q.set_defaults(dtype="float16")
-    q.add_argument("-q", "--quiet", action="store_true")
+    q.add_argument("model", help="Hugging Face model directory (with config.json) or .gguf file")
+    q.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden width removed, in [0, 1)")
+    q.add_argument("--calib", required=True, help="plain-text calibration file (UTF-8)")
+    q.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    q.add_argument("--calib-offset", type=int, default=0,
+                   help="first calibration token of the text (default 0; e.g. 20480 keeps the first 20,480 tokens "
+                        "out of calibration, to evaluate on them)")
+    q.add_argument("-o", "--output", required=True,
+                   help=".bbf (any codec; the tokenizer goes inside) or SliceGPT .pt / .safetensors (its .json, "
+                        "config.json and tokenizer files go beside it)")
+    codec_args(q, dtype_default="float16")
+    quiet(q)
     add_storage_args(q, reads=False)
     q.set_defaults(fn=cmd_slice)
 
     q = sub.add_parser("eval", help="perplexity of a .bbf (path or URL) or a HF model on a text file")
-    q.add_argument("model")
-    q.add_argument("--text", required=True)
-    q.add_argument("--ctx", type=int, default=512)
-    q.add_argument("--stride", type=int, default=None)
-    q.add_argument("--max-tokens", type=int, default=None)
-    q.add_argument("--tokenizer", default=None, help="HF directory to take the tokenizer from")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("model", help=".bbf path or URL, a save_pretrained directory, a HF model directory or a .gguf")
+    q.add_argument("--text", required=True, help="plain-text file (UTF-8)")
+    q.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    q.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --ctx)")
+    q.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens (default: all)")
+    q.add_argument("--tokenizer", default=None, metavar="DIR_OR_GGUF",
+                   help="take the tokenizer from here (default: the one the model carries)")
+    q.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (progress stays on stderr; default: one line)")
+    quiet(q, "the progress bars (on stderr)")
     add_storage_args(q)
     q.set_defaults(fn=cmd_eval)
 
     q = sub.add_parser("serve", help="serve a directory over HTTP with Range support (127.0.0.1)")
-    q.add_argument("directory")
-    q.add_argument("--host", default="127.0.0.1")
-    q.add_argument("--port", type=int, default=8000)
-    q.add_argument("--rate", type=float, default=None, metavar="MB/s", help="total bandwidth cap (1 MB = 10^6 bytes)")
-    q.add_argument("--conn-rate", type=float, default=None, metavar="MB/s", help="bandwidth cap of each response")
-    q.add_argument("--latency", type=float, default=None, metavar="MS", help="milliseconds before each response")
+    q.add_argument("directory", help="directory to serve")
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    q.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    q.add_argument("--rate", type=float, default=None, metavar="MB/s",
+                   help="total bandwidth cap, 1 MB = 10^6 bytes (default: none)")
+    q.add_argument("--conn-rate", type=float, default=None, metavar="MB/s",
+                   help="bandwidth cap of each response (default: none)")
+    q.add_argument("--latency", type=float, default=None, metavar="MS",
+                   help="milliseconds before each response (default: none)")
     q.set_defaults(fn=cmd_serve)
     return p
 

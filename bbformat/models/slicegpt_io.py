@@ -1,24 +1,27 @@
 """Import and export of SliceGPT checkpoints: `<name>_<sparsity>.pt` (or .safetensors) plus its sibling `.json`.
 
 SliceGPT does not store the Hugging Face config next to its files, so the `ModelDesc` is put together from
-(in order of preference): our own description stored in the JSON under "bbformat_model" (files we wrote), an
-HF config given by the caller, or the JSON slicing config + the tensor shapes + a small table of known models.
+(in order of preference): our own description (files we wrote: `<stem>.bbformat.json` beside the checkpoint, or,
+from older versions, the "bbformat_model" key of the JSON), an HF config given by the caller, or the JSON slicing
+config + the tensor shapes + a small table of known models. The `.json` we write is exactly SliceGPT's.
 Every tensor is checked against the description; a wrong name or shape raises `ModelError` naming the tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ModelError
-from .arch import SLICEGPT_RMS_EPS, ModelDesc
+from ..errors import BBFError, ModelError, WriteError
+from .arch import MAX_FFN, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, SLICEGPT_RMS_EPS, ModelDesc
 
-DESC_KEY = "bbformat_model"  # our extra key in the SliceGPT .json
+DESC_KEY = "bbformat_model"  # our extra key in the .json of files written by bbformat before 0.1 (still read)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some SliceGPT/transformers versions save
 
 # What cannot be read from the shapes (heads, rope_theta) for models SliceGPT users slice, keyed by
@@ -81,62 +84,114 @@ def read_hf_config(config) -> dict[str, Any]:
 
 
 def hf_desc(config, slicing: dict[str, Any] | None = None, **overrides) -> ModelDesc:
-    """`ModelDesc` from an HF config (dict/object/path) and a SliceGPT slicing config (None: unsliced)."""
+    """`ModelDesc` from an HF config (dict/object/path) and a SliceGPT slicing config (None: unsliced). A missing or
+    malformed key of either is a ModelError naming it."""
     c = read_hf_config(config)
-    family = {"llama": "llama", "opt": "opt"}.get(c.get("model_type"))
+    if not isinstance(c, dict):
+        raise ModelError(f"the HF config must be a JSON object, got {type(c).__name__}")
+    family = {"llama": "llama", "opt": "opt"}.get(c.get("model_type") if isinstance(c.get("model_type"), str) else None)
     if family is None:
-        raise ModelError(f"unsupported model_type {c.get('model_type')!r}; bbformat handles llama and opt")
-    d, L = int(c["hidden_size"]), int(c["num_hidden_layers"])
+        raise ModelError(f"unsupported model_type {str(c.get('model_type'))[:40]!r}; bbformat handles llama and opt")
+    d, L = _cfg_int(c, "hidden_size", MAX_WIDTH), _cfg_int(c, "num_hidden_layers", MAX_LAYERS)
     if slicing is None:
         slicing = uniform_slicing(d, L, 0.0, family)
-    if int(slicing["hidden_size"]) != d or int(slicing["layers_num"]) != L:
+    check_slicing(slicing)
+    if slicing["hidden_size"] != d or slicing["layers_num"] != L:
         raise ModelError(f"slicing config is for hidden_size {slicing['hidden_size']}, {slicing['layers_num']} "
                          f"layers; the HF config has {d}, {L}")
-    if slicing.get("parallel_blocks"):
-        raise ModelError("parallel-block models (phi-2) are not supported")
-    heads = int(c["num_attention_heads"])
+    heads = _cfg_int(c, "num_attention_heads", MAX_WIDTH)
     rope = c.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ModelError(f"HF config rope_parameters must be a map, got {type(rope).__name__}")
     kw: dict[str, Any] = dict(
-        family=family, hidden_size=d, num_layers=L, vocab_size=int(c["vocab_size"]), num_heads=heads,
-        num_kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=int(c.get("head_dim") or d // heads),
-        max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+        family=family, hidden_size=d, num_layers=L, vocab_size=_cfg_int(c, "vocab_size", MAX_VOCAB), num_heads=heads,
+        num_kv_heads=_cfg_int(c, "num_key_value_heads", MAX_WIDTH, heads),
+        head_dim=_cfg_int(c, "head_dim", MAX_WIDTH, d // heads),
+        max_position_embeddings=_cfg_int(c, "max_position_embeddings", MAX_VOCAB, 2048),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
         do_slice_head=bool(slicing.get("do_slice_head", False)), rms_eps=SLICEGPT_RMS_EPS,
         **_widths(slicing, L),
     )
     if family == "opt":
-        if not c.get("do_layer_norm_before", True) or int(c.get("word_embed_proj_dim") or d) != d:
+        if not c.get("do_layer_norm_before", True) or _cfg_int(c, "word_embed_proj_dim", MAX_WIDTH, d) != d:
             raise ModelError("OPT variants with post-norm or projected embeddings (opt-350m) are not supported")
         bias = bool(c.get("enable_bias", True))
-        kw.update(intermediate_size=int(c["ffn_dim"]), activation=c.get("activation_function", "relu"),
+        kw.update(intermediate_size=_cfg_int(c, "ffn_dim", MAX_FFN), activation=c.get("activation_function", "relu"),
                   attention_bias=bias, mlp_bias=bias, lm_head_bias=True)
     else:
         scaling = c.get("rope_scaling")
         if rope.get("rope_type", "default") != "default":
             scaling = rope
-        kw.update(intermediate_size=int(c["intermediate_size"]), activation=c.get("hidden_act", "silu"),
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) or theta <= 0:
+            raise ModelError(f"HF config rope_theta must be a finite positive number, got {str(theta)[:40]!r}")
+        kw.update(intermediate_size=_cfg_int(c, "intermediate_size", MAX_FFN), activation=c.get("hidden_act", "silu"),
                   attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)),
-                  rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), rope_scaling=scaling)
+                  rope_theta=float(theta), rope_scaling=scaling)
     kw.update(overrides)
     return ModelDesc(**kw)
+
+
+def _cfg_int(c: dict, key: str, hi: int, default: Any = None) -> int:
+    """An integer key of an HF config (null or absent: `default`; no default: required)."""
+    v = c.get(key)
+    if v is None:
+        if default is None:
+            raise ModelError(f"HF config has no {key!r}")
+        v = default
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= hi:
+        raise ModelError(f"HF config {key} must be an integer in 1..{hi}, got {str(v)[:40]!r}")
+    return int(v)
+
+
+_SLICING_WIDTHS = ("embedding_dimensions", "attention_input_dimensions", "attention_output_dimensions",
+                   "mlp_input_dimensions", "mlp_output_dimensions")
+
+
+def check_slicing(slicing: Any, where: str = "slicing config") -> dict[str, Any]:
+    """A SliceGPT slicing config (the `.json` next to a checkpoint) must be an object whose sizes are integers in
+    range and whose width maps have one entry per layer ("0" .. "L-1"; embeddings: 1 or 2). ModelError otherwise,
+    naming the key; nothing is read or allocated before this passes."""
+    if not isinstance(slicing, dict):
+        raise ModelError(f"{where} must be a JSON object, got a {type(slicing).__name__}")
+
+    def integer(key, v, lo, hi):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ModelError(f"{where}: {key} must be an integer in {lo}..{hi}, got {str(v)[:40]!r} "
+                             f"({type(v).__name__})")
+        return v
+
+    d = integer("hidden_size", slicing.get("hidden_size"), 1, MAX_WIDTH)
+    L = integer("layers_num", slicing.get("layers_num"), 1, MAX_LAYERS)
+    for key in ("do_slice_head", "parallel_blocks"):
+        if slicing.get(key) is not None and not isinstance(slicing[key], bool):
+            raise ModelError(f"{where}: {key} must be true or false, got {str(slicing[key])[:40]!r}")
+    if slicing.get("parallel_blocks"):
+        raise ModelError("parallel-block models (phi-2) are not supported")
+    for key in _SLICING_WIDTHS:
+        v = slicing.get(key)
+        if not isinstance(v, dict):
+            raise ModelError(f"{where}: {key} must be a map from layer index to width, got "
+                             f"{type(v).__name__ if key in slicing else 'nothing'}")
+        n = len(v) if key == "embedding_dimensions" else L
+        if key == "embedding_dimensions" and n not in (1, 2):
+            raise ModelError(f"{where}: embedding_dimensions has {n} entries, expected 1 (llama) or 2 (opt)")
+        if len(v) != n or any(str(i) not in v for i in range(n)):
+            raise ModelError(f"{where}: {key} must have the entries \"0\"..\"{n - 1}\", got {len(v)} entries")
+        for i in range(n):
+            integer(f"{key}[{i}]", v[str(i)], 1, d)
+    return slicing
 
 
 def _widths(slicing: dict[str, Any], L: int) -> dict[str, tuple[int, ...]]:
     def per(key):
         v = slicing[key]
-        try:
-            return tuple(int(v[str(i)]) for i in range(len(v) if key == "embedding_dimensions" else L))
-        except KeyError as e:
-            raise ModelError(f"slicing config {key} has no entry {e}") from None
+        return tuple(v[str(i)] for i in range(len(v) if key == "embedding_dimensions" else L))
 
-    try:
-        return dict(embedding_dims=per("embedding_dimensions"), attn_input_dims=per("attention_input_dimensions"),
-                    attn_output_dims=per("attention_output_dimensions"), mlp_input_dims=per("mlp_input_dimensions"),
-                    mlp_output_dims=per("mlp_output_dimensions"))
-    except (KeyError, TypeError) as e:
-        raise ModelError(f"slicing config is missing {e}") from None
+    return dict(embedding_dims=per("embedding_dimensions"), attn_input_dims=per("attention_input_dimensions"),
+                attn_output_dims=per("attention_output_dimensions"), mlp_input_dims=per("mlp_input_dimensions"),
+                mlp_output_dims=per("mlp_output_dimensions"))
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -152,20 +207,33 @@ def load_slicegpt(path, json_path=None, config=None) -> tuple[ModelDesc, dict[st
     path = Path(path)
     json_path = Path(json_path) if json_path is not None else path.with_suffix(".json")
     try:
+        if json_path.stat().st_size > _MAX_JSON:
+            raise ModelError(f"slicing config {json_path} is larger than {_MAX_JSON} bytes")
         slicing = json.loads(json_path.read_text())
     except FileNotFoundError:
         raise ModelError(f"{path.name} needs its SliceGPT slicing config; {json_path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ModelError(f"cannot read slicing config {json_path}: {e}") from None
-    tensors = {k: v for k, v in _read_tensors(path).items() if not k.endswith(_IGNORED_SUFFIXES)}
+    # Everything the JSON says is checked before the checkpoint is read
+    check_slicing(slicing, f"slicing config {json_path}")
+    desc = None
     if DESC_KEY in slicing:
-        desc = ModelDesc.from_dict(slicing[DESC_KEY])
-    elif config is not None:
-        desc = hf_desc(config, slicing, lm_head_bias="lm_head.bias" in tensors)
-    else:
-        desc = hf_desc(_config_from_shapes(slicing, tensors), slicing, lm_head_bias="lm_head.bias" in tensors)
+        try:
+            desc = ModelDesc.from_dict(slicing[DESC_KEY])
+        except ModelError as e:
+            raise ModelError(f"slicing config {json_path}: {DESC_KEY}: {e}") from None
+    elif description_path(path).is_file():  # bbformat >= 0.1 writes its description beside the checkpoint
+        desc = read_description(description_path(path))
+    tensors = {k: v for k, v in _read_tensors(path).items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if desc is None:
+        cfg = config if config is not None else _config_from_shapes(slicing, tensors)
+        desc = hf_desc(cfg, slicing, lm_head_bias="lm_head.bias" in tensors)
     check_tensors(desc, tensors)
-    return desc, {t.name: tensors[t.name] for t in desc.tensors()}
+    # SliceGPT tensors can be views of larger storages (and are memory-mapped): keep compact copies only
+    return desc, {t.name: tensors[t.name].contiguous().clone() for t in desc.tensors()}
+
+
+_MAX_JSON = 64 << 20  # a slicing config is a few KB
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -179,33 +247,46 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types
             raise ModelError(f"cannot read {path}: {e}") from None
     try:
-        try:  # mmap: the copies below are all that is held in memory, not the (possibly larger) storages
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise for a one-line error
+            warnings.simplefilter("ignore")
+            try:  # mmap: only the copies load_slicegpt makes are held in memory, not the (possibly larger) storages
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain tensors
-        raise ModelError(f"cannot read {path} as a state dict of tensors: {e}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"cannot read {path}: it is not a plain state dict of tensors ({_pickle_reason(e)}); "
+                         f"bbformat never runs code a checkpoint names") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise ModelError(f"{path} is not a flat state dict of tensors")
-    # SliceGPT tensors can be views of larger storages: keep compact copies only
-    return {k: v.contiguous().clone() for k, v in sd.items()}
+    return sd
+
+
+def _pickle_reason(e: BaseException) -> str:
+    """What torch.load(weights_only=True) objected to, without its advice to retry with weights_only=False (which
+    would run the pickle's code: unsafe for a file from elsewhere)."""
+    parts = [" ".join(p.split()) for p in str(e).split("\n\n")]
+    keep = [p for p in parts if p and "weights_only" not in p and not p.startswith("Check the documentation")]
+    text = " ".join(keep) or type(e).__name__
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _config_from_shapes(slicing: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """A minimal HF config for a SliceGPT state dict, from its shapes + KNOWN_MODELS (or a guess)."""
     family = "opt" if any(k.startswith("model.decoder.") for k in tensors) else "llama"
     p = "model.decoder." if family == "opt" else "model."
-    d = int(slicing["hidden_size"])
+    d = slicing["hidden_size"]
 
     def shape(name):
         if name not in tensors:
             raise ModelError(f"missing tensor {name!r}")
+        if tensors[name].dim() < 1:
+            raise ModelError(f"tensor {name!r} is a scalar")
         return tuple(tensors[name].shape)
 
     V = shape(p + "embed_tokens.weight")[0]
     nq, nkv = shape(p + "layers.0.self_attn.q_proj.weight")[0], shape(p + "layers.0.self_attn.k_proj.weight")[0]
     up = p + ("layers.0.fc1.weight" if family == "opt" else "layers.0.mlp.up_proj.weight")
-    cfg: dict[str, Any] = dict(model_type=family, hidden_size=d, num_hidden_layers=int(slicing["layers_num"]),
+    cfg: dict[str, Any] = dict(model_type=family, hidden_size=d, num_hidden_layers=slicing["layers_num"],
                                vocab_size=V, intermediate_size=shape(up)[0], ffn_dim=shape(up)[0])
     if family == "opt":
         cfg["max_position_embeddings"] = shape(p + "embed_positions.weight")[0] - 2
@@ -250,22 +331,85 @@ def check_tensors(desc: ModelDesc, tensors: dict[str, torch.Tensor], extra: str 
 # ---- writing ----------------------------------------------------------------------------------------------
 def save_slicegpt(desc: ModelDesc, tensors: dict[str, torch.Tensor], out_path) -> tuple[Path, Path]:
     """Write `tensors` as a SliceGPT checkpoint: `.pt` (plain dict, loadable with torch.load(weights_only=True))
-    or `.safetensors` when out_path ends so, plus the sibling `.json` (slicing config + our description).
-    Returns (checkpoint path, json path)."""
+    or `.safetensors` when out_path ends so, plus the sibling `.json`, which is exactly SliceGPT's slicing config
+    (what `SlicingConfig.from_dict` accepts), and bbformat's own description in `<stem>.bbformat.json` (see
+    `description_path`). Returns (checkpoint path, json path)."""
+    from ..io.store import AtomicSink
+
     out_path = Path(out_path)
     check_tensors(desc, tensors, extra="raise")
     # own compact storage per tensor: torch.save of a view would write its whole storage
     sd = {t.name: tensors[t.name].detach().cpu().contiguous().clone() for t in desc.tensors()}
     json_path = out_path.with_suffix(".json")
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    if out_path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    text = json.dumps(desc.slicing_config(), indent=1, allow_nan=False).encode()
+    desc_text = description_json(desc)
+    # The files go to hidden temporaries (AtomicSink) and appear only when all are complete: any failure leaves
+    # no temporary and the existing targets untouched.
+    ckpt = AtomicSink(str(out_path))
+    try:
+        js = AtomicSink(str(json_path))
+    except BaseException:
+        ckpt.abort()
+        raise
+    try:
+        ds = AtomicSink(str(description_path(out_path)))
+    except BaseException:
+        ckpt.abort()
+        js.abort()
+        raise
+    try:
+        try:
+            if out_path.suffix == ".safetensors":
+                from safetensors.torch import save_file
 
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-    else:
-        torch.save(sd, tmp)
-    cfg = desc.slicing_config()
-    cfg[DESC_KEY] = desc.to_dict()
-    json_path.write_text(json.dumps(cfg, indent=1))
-    tmp.replace(out_path)
+                save_file(sd, ckpt.tmp, metadata={"format": "pt"})
+            else:
+                torch.save(sd, ckpt)
+        except BBFError:
+            raise
+        except Exception as e:  # torch and safetensors wrap the OSError of a full disk in their own errors
+            raise ckpt.error or WriteError(f"cannot write {out_path}: {' '.join(str(e).split())[:300]}") from None
+        js.write(text)
+        ds.write(desc_text)
+        ckpt.commit()
+        js.commit()
+        ds.commit()
+    except BaseException:
+        ckpt.abort()
+        js.abort()
+        ds.abort()
+        raise
     return out_path, json_path
+
+
+# ---- bbformat's own description beside a SliceGPT checkpoint ------------------------------------------------
+DESCRIPTION_FORMAT = "bbformat.model/1"
+DESCRIPTION_SUFFIX = ".bbformat.json"
+
+
+def description_path(checkpoint) -> Path:
+    """`<dir>/<stem>.bbformat.json` for `<dir>/<stem>.pt` (or .safetensors): where bbformat keeps the full model
+    description (SPEC section 9) of a checkpoint it wrote, so that the `.json` can stay SliceGPT's own."""
+    p = Path(checkpoint)
+    return p.with_name(p.stem + DESCRIPTION_SUFFIX)
+
+
+def description_json(desc: ModelDesc) -> bytes:
+    return json.dumps({"format": DESCRIPTION_FORMAT, "model": desc.to_dict()}, indent=1, allow_nan=False).encode()
+
+
+def read_description(path) -> ModelDesc:
+    """The `ModelDesc` stored by `description_json` (every field checked by `ModelDesc.from_dict`)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > _MAX_JSON:
+            raise ModelError(f"model description {path} is larger than {_MAX_JSON} bytes")
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelError(f"cannot read model description {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != DESCRIPTION_FORMAT or not isinstance(doc.get("model"), dict):
+        raise ModelError(f"{path} is not a bbformat model description (format {DESCRIPTION_FORMAT!r})")
+    try:
+        return ModelDesc.from_dict(doc["model"])
+    except ModelError as e:
+        raise ModelError(f"model description {path}: {e}") from None
