@@ -402,6 +402,8 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # clients open 16+ connections at once; a backlog of 5 would drop SYNs
 
     def __init__(self, address, handler, *, rate=None, conn_rate=None, latency=None, faults=None):
+        self._live: set[socket.socket] = set()  # before binding: a failed bind calls server_close()
+        self._live_lock = threading.Lock()
         super().__init__(address, handler)
         self.bucket = TokenBucket(rate) if rate else None  # shared by every connection
         self.conn_rate = conn_rate or None
@@ -409,8 +411,6 @@ class Server(ThreadingHTTPServer):
         self.faults = faults
         self.log = faults.log if faults is not None else RequestLog()
         self.connections = 0  # accepted so far: lets tests check that keep-alive reused one
-        self._live: set[socket.socket] = set()
-        self._live_lock = threading.Lock()
 
     def _track(self, sock, alive: bool):
         with self._live_lock:

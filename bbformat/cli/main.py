@@ -249,7 +249,6 @@ def cmd_serve(args) -> int:
     if not Path(args.directory).is_dir():
         raise BBFError(f"cannot serve {args.directory}: no such directory")
     try:
-        _check_port(args.host, args.port)  # before the server exists: a failed bind is then one clean line
         server, url = start_server(args.directory, args.host, args.port, rate=rate, conn_rate=conn_rate,
                                    latency=latency)
     except OSError as e:
@@ -265,18 +264,6 @@ def cmd_serve(args) -> int:
         server.shutdown()
         server.server_close()
     return 0
-
-
-def _check_port(host: str, port: int) -> None:
-    """Bind (host, port) once the way the server will (SO_REUSEADDR), to report a busy port before serving."""
-    import socket
-
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
 
 
 def _listen_error(host: str, port: int, e: OSError) -> BBFError:
