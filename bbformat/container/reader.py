@@ -103,12 +103,14 @@ class BBFReader:
                 self._cache.popitem(last=False)
         return out
 
-    def stream(self, readahead: int = 2, workers: int | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    def stream(self, readahead: int = 2, workers: int | None = None, dtype: torch.dtype | None = None
+               ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """Yield (group, tensors) from the last group to the first: head, layer.L-1, ..., layer.0, embed.
 
         At most `readahead` decoded groups wait beyond the one the caller holds; their bytes are fetched (remote:
-        up to concurrency x chunk_size ahead) and decoded on background threads while the caller works."""
-        yield from self._pipeline(list(reversed(self.model.groups())), readahead, workers)
+        up to concurrency x chunk_size ahead) and decoded on background threads while the caller works. `dtype`:
+        the tensors are cast on those threads too, instead of one by one on the caller's."""
+        yield from self._pipeline(list(reversed(self.model.groups())), readahead, workers, cast=dtype)
 
     def load_all(self, workers: int | None = None) -> dict[str, torch.Tensor]:
         """Every tensor, decoded: largest group first, one group per core (nesting a section's own parallel decode
@@ -123,8 +125,8 @@ class BBFReader:
                 out.update(tensors)
         return {t.name: out[t.name] for t in self.model.tensors()}
 
-    def _pipeline(self, order: list[str], readahead: int, workers: int | None, alloc=None, budget: int | None = None
-                  ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    def _pipeline(self, order: list[str], readahead: int, workers: int | None, alloc=None, budget: int | None = None,
+                  cast: torch.dtype | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """Groups in `order`: bytes fetched by the store's engine within its budget, decoded on `workers` threads,
         at most `readahead` decoded groups ahead of the caller."""
         recs = [list(self._by_group[g].values()) for g in order]
@@ -134,9 +136,10 @@ class BBFReader:
         def decode(i: int) -> dict[str, torch.Tensor]:
             try:
                 stored = dict(zip((r.kind for r in recs[i]), fetch.get(i)))
-                return self._decode_group(order[i], alloc, stored)
+                tensors = self._decode_group(order[i], alloc, stored)
             finally:
                 fetch.release(i)
+            return tensors if cast is None else {k: t.to(cast) for k, t in tensors.items()}
 
         workers = workers or min(2, os.cpu_count() or 1)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-decode")

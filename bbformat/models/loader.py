@@ -81,7 +81,7 @@ def read_model(url, storage_options=None, dtype=torch.float32, progress=False, d
         total = sum(f.group_stored_bytes(g) for g in f.model.groups())
         with tqdm(total=total, desc="load", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress,
                   leave=False) as bar:
-            for group, tensors in f.stream():
+            for group, tensors in f.stream(dtype=dtype or torch.float32):  # cast on the decode threads
                 model.load_group(tensors)
                 bar.update(f.group_stored_bytes(group))
         tokenizer = None
