@@ -253,5 +253,7 @@ def test_params_validated():
     for bad in (0, -1.0, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(BBFError, match="threshold"):
             BitsBackCodec(threshold=bad)
-    with pytest.raises(BBFError, match="bad parameters \\['tau'\\]"):
+    with pytest.raises(BBFError, match="unknown parameter\\(s\\) \\['tau'\\]; it takes \\['threshold'\\]"):
         get_codec("bitsback", {"tau": 0.1})
+    with pytest.raises(BBFError, match="unknown parameter\\(s\\) \\['x'\\]; it takes no parameters"):
+        get_codec("raw", {"x": 1})

@@ -166,9 +166,17 @@ def get_codec(codec_id: str, params: dict[str, Any] | None = None) -> Codec:
         ) from None
     if not isinstance(params or {}, dict):
         raise BBFError(f"codec {codec_id!r}: parameters must be a map, got {type(params).__name__}")
+    import inspect
+
+    named = [p.name for p in inspect.signature(cls).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(str(k) for k in (params or {}) if k not in named)
+    if unknown:
+        raise BBFError(f"codec {codec_id!r}: unknown parameter(s) {unknown}; it takes "
+                       f"{named if named else 'no parameters'}")
     try:
         return cls(**(params or {}))
-    except TypeError as e:  # an unknown or missing keyword
+    except TypeError as e:  # a missing keyword or a bad type
         raise BBFError(f"codec {codec_id!r}: bad parameters {sorted(map(str, params or {}))}: {e}") from None
 
 
