@@ -74,6 +74,8 @@ def test_split_and_coalesce():
         assert len(parts) == want
     assert split(5, 5, o) == []  # an empty section costs no request
     assert len(split(0, 48 << 20, o)) == 16  # a 48 MiB group goes out over all 16 connections
+    d = FetchOptions()  # min_chunk_size 4 MiB, except for what the caller waits for now
+    assert len(split(0, 16 << 20, d)) == 4 and len(split(0, 16 << 20, d, urgent=True)) == 16
     assert coalesce([(10, 20), (0, 10), (30, 40), (15, 25)]) == [(0, 25, [1, 0, 3]), (30, 40, [2])]
 
 

@@ -222,7 +222,7 @@ class BBFReader:
         recs = self._by_group[group]
         if stored is None:
             stored = dict(zip(recs, self.store.fetch([(r.offset, r.offset + r.stored_len)
-                                                       for r in recs.values()]).result()))
+                                                       for r in recs.values()], urgent=True).result()))
         raw, rooms = {}, {}
         for kind, rec in recs.items():
             room = self._decoder.payload_room(group, kind) if rec.word_size > 1 else 0

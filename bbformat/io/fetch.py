@@ -94,13 +94,18 @@ class FetchStats:
             self.seconds += time.perf_counter() - self._since
 
 
-def split(start: int, end: int, options: FetchOptions) -> list[tuple[int, int]]:
+URGENT_CHUNK = 1 << 20
+
+
+def split(start: int, end: int, options: FetchOptions, urgent: bool = False) -> list[tuple[int, int]]:
     """Chunks of [start, end): at most chunk_size each, and as many as `concurrency` allows when they can be at
-    least min_chunk_size. The group needed next then arrives at the speed of all connections, not of the few its
-    8 MiB chunks would take (what decides the time to the first group on a bandwidth-capped link)."""
+    least min_chunk_size (1 MiB when `urgent`: the caller is waiting for these bytes, as for a stream's first
+    group). A large group then arrives at the speed of all connections, not of the few its 8 MiB chunks would
+    take; small chunks are kept for that case since each request costs a round trip (and CPU on the server)."""
     if end <= start:
         return []  # an empty section costs no request
-    n = max(-(-(end - start) // options.chunk_size), min(options.concurrency, (end - start) // options.min_chunk_size))
+    least = min(options.min_chunk_size, URGENT_CHUNK) if urgent else options.min_chunk_size
+    n = max(-(-(end - start) // options.chunk_size), min(options.concurrency, (end - start) // least))
     if n <= 1:
         return [(start, end)]
     step = -(-(end - start) // n)
@@ -128,8 +133,8 @@ class Fetcher:
         self._sem: asyncio.Semaphore | None = None
 
     # ---- the caller's side (any thread but the loop's) ------------------------------------------------
-    def submit(self, ranges: list[tuple[int, int]]) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(self._fetch(ranges), self.loop)
+    def submit(self, ranges: list[tuple[int, int]], urgent: bool = False) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(self._fetch(ranges, urgent), self.loop)
 
     def suffix(self, n: int) -> tuple[int, int, bytes]:
         """(size, start, the last min(n, size) bytes), pinning the object; retried like any chunk."""
@@ -139,7 +144,7 @@ class Fetcher:
         return size, start, data
 
     # ---- the loop's side -------------------------------------------------------------------------------
-    async def _fetch(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
+    async def _fetch(self, ranges: list[tuple[int, int]], urgent: bool = False) -> list[memoryview]:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.o.concurrency)
         out: list[memoryview | None] = [None] * len(ranges)
@@ -149,7 +154,7 @@ class Fetcher:
             for i in idx:
                 a, b = ranges[i]
                 out[i] = buf[a - start:b - start]
-            for a, b in split(start, end, self.o):
+            for a, b in split(start, end, self.o, urgent):
                 jobs.append(self._chunk(buf[a - start:b - start], a))
         tasks = [asyncio.ensure_future(j) for j in jobs]
         try:
@@ -228,7 +233,8 @@ class Prefetcher:
         with self.cond:
             while (not self.closed and self.next < len(self.items)
                    and (self.outstanding == 0 or self.outstanding + self.sizes[self.next] <= self.budget)):
-                self.futures[self.next] = self._fetch(self.items[self.next])
+                # the first item is what the consumer waits for now: spread it over every connection
+                self.futures[self.next] = self._fetch(self.items[self.next], self.next == 0)
                 self.outstanding += self.sizes[self.next]
                 self.next += 1
             self.cond.notify_all()

@@ -58,8 +58,9 @@ class Store:
         """Bytes [start, end) of the file; exactly that many or an error."""
         return bytes(self.view(start, end))
 
-    def fetch(self, ranges: list[tuple[int, int]]) -> concurrent.futures.Future:  # pragma: no cover
-        raise NotImplementedError
+    def fetch(self, ranges: list[tuple[int, int]], urgent: bool = False) -> concurrent.futures.Future:
+        """A future of one buffer per range. `urgent`: the caller waits for these bytes now (spread them wider)."""
+        raise NotImplementedError  # pragma: no cover
 
     def _check(self, ranges) -> None:
         for start, end in ranges:
@@ -87,7 +88,7 @@ class LocalStore(Store):
             raise BBFError(f"cannot open {url}: {e}") from None
         self._buf = memoryview(self._map) if self._map is not None else memoryview(b"")
 
-    def fetch(self, ranges):
+    def fetch(self, ranges, urgent: bool = False):
         self._check(ranges)
         self.stats.requests += len(ranges)
         self.stats.bytes += sum(b - a for a, b in ranges)
@@ -114,7 +115,7 @@ class BufferStore(Store):
             raise BBFError(f"cannot read a .bbf from a {type(data).__name__}: {e}") from None
         self.size = len(self._buf)
 
-    def fetch(self, ranges):
+    def fetch(self, ranges, urgent: bool = False):
         self._check(ranges)
         self.stats.requests += len(ranges)
         self.stats.bytes += sum(b - a for a, b in ranges)
@@ -137,12 +138,12 @@ class RemoteStore(Store):
     def budget(self) -> int:
         return self.options.concurrency * self.options.chunk_size
 
-    def fetch(self, ranges):
+    def fetch(self, ranges, urgent: bool = False):
         self._check(ranges)
         t0 = self._tail_start
         if all(a >= t0 for a, _ in ranges):  # inside the pinned suffix: no request
             return done([self._tail[a - t0:b - t0] for a, b in ranges])
-        return self.fetcher.submit(ranges)
+        return self.fetcher.submit(ranges, urgent)
 
 
 def open_store(url: str, storage_options: dict | None = None, fetch: FetchOptions | dict | None = None,
