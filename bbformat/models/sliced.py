@@ -89,7 +89,7 @@ def mlp(x: torch.Tensor, w, desc: ModelDesc) -> torch.Tensor:
     """The MLP of (already normalised) x: SiLU-gated for llama (a `gate` weight), plain for OPT."""
     act = _ACT[desc.activation]
     if w("gate") is not None:
-        h = act(F.linear(x, w("gate"))) * F.linear(x, w("up"))
+        h = act(F.linear(x, w("gate"))) * F.linear(x, w("up"), w("up_bias"))  # mlp_bias: up and down only
     else:
         h = act(F.linear(x, w("up"), w("up_bias")))
     return F.linear(h, w("down"), w("down_bias"))
