@@ -47,7 +47,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def to_words(x, dtype: str) -> np.ndarray:
-    """Round a tensor or array (any float dtype) to `dtype` and return its words, same shape."""
+    """Round a tensor or array (any float dtype) to `dtype` and return its words, same shape.
+
+    torch rounds float64 to float16/bfloat16 through float32 (to nearest even, twice): SPEC 11.3's conversion,
+    which bitsback's decoder must reproduce bit for bit (tests/test_spec.py)."""
     td, _, bits = WORD_DTYPES[check_dtype(dtype)]
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     t = t.detach().to("cpu").to(td).contiguous()

@@ -1,4 +1,8 @@
-"""What every command shares: one-line errors with documented exit codes, storage options for remote URLs."""
+"""What every command shares: one-line errors with documented exit codes, storage options for remote URLs.
+
+Parsing the arguments (and `--help`) imports neither torch nor the codecs: each command imports what it needs
+when it runs (tests/test_cli_help.py checks this).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ from typing import Callable
 
 from ..errors import BBFError, TransportError, WriteError
 from ..io.fetch import FetchOptions
+
+# What the parser offers, without importing the codec registry or bbformat.words (both import torch);
+# tests/test_cli_help.py checks them against codecs.codec_ids() and words.WORD_DTYPES.
+CODEC_IDS = ("bitsback", "exact", "raw")
+WORD_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_REFUSED, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -62,7 +71,7 @@ def describe(e: BaseException) -> tuple[int, str]:
 def add_storage_args(p: argparse.ArgumentParser, reads: bool = True) -> None:
     p.add_argument("--storage-options", metavar="JSON", default=None,
                    help='fsspec options for remote URLs, e.g. \'{"anon": true}\' or '
-                        '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
+                        '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\' (default: none)')
     if not reads:
         return
     d = FetchOptions()

@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..container.layout import COMPRESSIONS
-from ..container.reader import BBFReader
-from ..words import word_bits
 from .common import EXIT_CODES, add_storage_args, fetch_options, run_cli, storage_options
+
+if TYPE_CHECKING:  # the reader (numpy, torch) is imported when a file is read, not to parse the arguments
+    from ..container.reader import BBFReader
 
 
 def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
     """Everything bbf-inspect prints, as one JSON-able dict."""
+    from ..container.layout import COMPRESSIONS
+    from ..words import word_bits
+
     m, h = f.model, f.header
     ws = word_bits(f.dtype) // 8
     plain = sum(t.numel for t in m.tensors()) * ws
@@ -109,14 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="path or URL (file://, http(s)://, s3://, memory://)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--no-check", action="store_true", help="do not read every section to verify checksums")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of the table (default: the table)")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not read every section to verify checksums (default: every section is read and checked)")
     p.add_argument("--stats", action="store_true",
-                   help="also print what reading cost: requests (retries included), retries, bytes, seconds")
+                   help="also print what reading cost: requests (retries included), retries, bytes, seconds "
+                        "(default: not printed)")
     add_storage_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..container.reader import BBFReader
+
     with BBFReader(args.file, storage_options(args), fetch=fetch_options(args)) as f:
         s = summarize(f, check=not args.no_check)
         if args.stats:

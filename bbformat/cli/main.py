@@ -1,4 +1,8 @@
-"""`bbf`: encode, decode, verify, inspect, slice, eval, serve."""
+"""`bbf`: encode, decode, verify, inspect, slice, eval, serve.
+
+Building the parser imports nothing heavy (no torch, no codecs, no reader): `bbf --help` answers at once, and each
+command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from .. import __version__
-from ..codecs import codec_ids, get_codec
-from ..container.reader import BBFReader
-from ..container.writer import save
 from ..errors import BBFError
-from ..words import WORD_DTYPES, dtype_name, words_to_f64
 from . import inspect as inspect_cmd
-from .common import EXIT_CODES, add_storage_args, fetch_options, run_cli, storage_options
+from .common import CODEC_IDS, EXIT_CODES, WORD_DTYPE_NAMES, add_storage_args, fetch_options, run_cli, \
+    storage_options
 
 
 def _codec(args) -> tuple[str, dict]:
+    from ..codecs import get_codec
+
     params = {}
     if getattr(args, "threshold", None) is not None:
         if args.codec != "bitsback":
@@ -47,8 +47,10 @@ def _tokenizer_aux(tokenizer) -> dict:
 
 
 def cmd_encode(args) -> int:
+    from ..container.writer import save
     from ..models.slicegpt_dir import load_tokenizer
     from ..models.slicegpt_io import load_slicegpt
+    from ..words import dtype_name
 
     codec, params = _codec(args)
     ck = _checkpoint(args)
@@ -69,10 +71,10 @@ def cmd_encode(args) -> int:
 
 # ---- decode ----------------------------------------------------------------------------------------------
 def cmd_decode(args) -> int:
-    from ..models.slicegpt_io import description_path, save_slicegpt
-
+    from ..container.reader import BBFReader
     from ..models.loader import TOKENIZER_AUX
     from ..models.slicegpt_dir import write_beside
+    from ..models.slicegpt_io import description_path, save_slicegpt
 
     if not args.output.endswith((".pt", ".safetensors")):
         raise BBFError("-o must end in .pt (SliceGPT layout) or .safetensors")
@@ -102,7 +104,12 @@ def canonical_words(desc, tensors, codec, dtype):
 
 
 def cmd_verify(args) -> int:
+    import numpy as np
+    import torch
+
+    from ..container.reader import BBFReader
     from ..models.slicegpt_io import load_slicegpt
+    from ..words import words_to_f64
 
     ck = _checkpoint(args)  # a missing --against is named before the .bbf is opened
     with BBFReader(args.input, storage_options(args), fetch=fetch_options(args)) as f:
@@ -141,11 +148,13 @@ def cmd_verify(args) -> int:
 
 # ---- slice -----------------------------------------------------------------------------------------------
 def cmd_slice(args) -> int:
+    from ..container.writer import save
     from ..evaluate import tokenize_text
     from ..models.hf import load_hf, tokenizer_bytes
     from ..models.loader import TOKENIZER_AUX, TOKENIZER_MEDIA_TYPE
     from ..models.slicegpt_io import save_slicegpt
     from ..models.slicer import slice_model
+    from ..words import WORD_DTYPES
 
     if not 0 <= args.sparsity < 1:
         raise BBFError("--sparsity must be in [0, 1)")
@@ -283,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def codec_args(q, default="exact", dtype_default=None):
-        q.add_argument("--codec", choices=codec_ids(), default=default, help=f"symmetry codec (default {default})")
+        q.add_argument("--codec", choices=CODEC_IDS, default=default, help=f"symmetry codec (default {default})")
         q.add_argument("--threshold", type=float, default=None,
                        help="bitsback: correct every decoded value further than this from the original "
                             "(default: the codec's, 0.005)")
-        q.add_argument("--dtype", choices=list(WORD_DTYPES), default=dtype_default,
+        q.add_argument("--dtype", choices=WORD_DTYPE_NAMES, default=dtype_default,
                        help="word dtype stored in the file (default " +
                             (dtype_default or "the checkpoint's dtype") + ")")
 
@@ -305,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "SliceGPT saved it in (with its config.json and tokenizer files)")
     q = sub.add_parser("encode", help="SliceGPT checkpoint (.pt or .safetensors + .json, or its directory) -> .bbf")
     q.add_argument("input", help=checkpoint_help)
-    q.add_argument("-o", "--output", required=True, help="the .bbf to write (path or URL)")
+    q.add_argument("-o", "--output", required=True, help="the .bbf to write, a path or URL (required)")
     codec_args(q)
     source_args(q)
     q.add_argument("--tokenizer", default=None, metavar="DIR_OR_GGUF",
@@ -322,14 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True,
                    help="<name>_<sparsity>.pt (SliceGPT layout) or .safetensors; beside it go SliceGPT's slicing "
                         "config (.json), bbformat's description (.bbformat.json) and, where absent, the HF "
-                        "config.json and the tokenizer files")
+                        "config.json and the tokenizer files (required)")
     quiet(q, "the summary line")
     add_storage_args(q)
     q.set_defaults(fn=cmd_decode)
 
     q = sub.add_parser("verify", help="compare a .bbf with the checkpoint it was made from")
     q.add_argument("input", help=".bbf path or URL")
-    q.add_argument("--against", required=True, help="the original " + checkpoint_help)
+    q.add_argument("--against", required=True, help="the original " + checkpoint_help + " (required)")
     source_args(q)
     q.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
     q.add_argument("-v", "--verbose", action="store_true",
@@ -344,16 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("slice", help="slice a Hugging Face model (dir or .gguf) with SliceGPT's procedure")
     q.add_argument("model", help="Hugging Face model directory (with config.json) or .gguf file")
-    q.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden width removed, in [0, 1)")
-    q.add_argument("--calib", required=True, help="plain-text calibration file (UTF-8)")
+    q.add_argument("--sparsity", type=float, required=True,
+                   help="fraction of the hidden width removed, in [0, 1) (required)")
+    q.add_argument("--calib", required=True, help="plain-text calibration file, UTF-8 (required)")
     q.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     q.add_argument("--calib-offset", type=int, default=0,
                    help="first calibration token of the text (default 0; e.g. 20480 keeps the first 20,480 tokens "
                         "out of calibration, to evaluate on them)")
     q.add_argument("-o", "--output", required=True,
-                   help=".bbf (any codec; the tokenizer goes inside) or SliceGPT .pt / .safetensors (its .json, "
-                        "config.json and tokenizer files go beside it)")
+                   help="the output (required): a .bbf (any codec; the tokenizer goes inside) or a SliceGPT .pt / "
+                        ".safetensors (its .json, config.json and tokenizer files go beside it)")
     codec_args(q, dtype_default="float16")
     quiet(q)
     add_storage_args(q, reads=False)
@@ -361,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("eval", help="perplexity of a .bbf (path or URL) or a HF model on a text file")
     q.add_argument("model", help=".bbf path or URL, a save_pretrained directory, a HF model directory or a .gguf")
-    q.add_argument("--text", required=True, help="plain-text file (UTF-8)")
+    q.add_argument("--text", required=True, help="plain-text file, UTF-8 (required)")
     q.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     q.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --ctx)")
     q.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens (default: all)")

@@ -27,7 +27,8 @@ decoder replays those records from the correction section.
 Correction section payload (opaque bytes): one list per correction point, in decoding order
 (out.carrier, out.words, mid.carrier, mid.words; a skipped symmetry has none). A list is
     uvarint n; n uvarint gaps (position p_0, then p_j - p_{j-1} - 1); n true words (little-endian, word size)
-where positions index the row-major carrier or the D(D+1)/2 re-encoded words. uvarint is unsigned LEB128.
+where positions index the row-major carrier or the D(D+1)/2 re-encoded words. uvarint is unsigned LEB128 of at
+most 9 bytes.
 """
 
 from __future__ import annotations
@@ -202,10 +203,13 @@ class _Replay:
         self.buf, self.at, self.wdtype = memoryview(payload), 0, word_np_dtype(dtype).newbyteorder("<")
 
     def _uvarint(self) -> int:
+        """An unsigned LEB128 of at most 9 bytes (SPEC, conventions): a 10th byte is refused."""
         v, shift = 0, 0
         while True:
-            if self.at >= len(self.buf) or shift > 56:
-                raise FormatError("correction section is truncated or has a bad varint")
+            if shift > 56:
+                raise FormatError("correction section has a varint longer than 9 bytes")
+            if self.at >= len(self.buf):
+                raise FormatError("correction section is truncated (in a varint)")
             b = self.buf[self.at]
             self.at += 1
             v |= (b & 0x7F) << shift

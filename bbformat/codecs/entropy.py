@@ -153,8 +153,8 @@ class _Reader:
             if b < 0x80:
                 break
             shift += 7
-            if shift > 63:
-                raise FormatError(f"entropy header: varint for {what}{detail} is too long")
+            if shift > 56:  # a 10th byte: varints have at most 9 (SPEC, conventions), as the correction codes' do
+                raise FormatError(f"entropy header: varint for {what}{detail} is longer than 9 bytes")
         self.pos = pos
         if v > limit:
             raise FormatError(f"entropy header: {what}{detail} = {v} exceeds its limit {limit}")

@@ -11,7 +11,9 @@ patterns, all zeros, all ones), it returns finite numbers and never fails.
 
 Word <-> matrix entry map (the paper's: the popped words are read as floats of the file's word dtype):
     x = the word's value as a float16 / bfloat16 / float32 number; NaN and Inf patterns count as 0
-    w = x rounded to nearest in the word dtype, after clamping |x| to the dtype's largest finite value
+    w = x clamped to the dtype's largest finite value, rounded to float32 and then to the word dtype (to nearest,
+        ties to even, both times, as torch's float64 -> float16/bfloat16 conversion does; SPEC 11.3 specifies it
+        bit for bit: a correctly rounded float64 -> word conversion gives other words on rare ties)
 Both directions are total and finite. (A map that spreads words uniformly over (-1, 1) is total too, but needs
 30-100x more corrections: weight words cluster in two narrow bands of the word range, so X's entries are large
 compared with their spacing, and the decoder's small rotation error [A, X] moves them by hundreds of word steps.)
@@ -65,8 +67,10 @@ def entries_from_words(words: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def words_from_entries(x: np.ndarray, dtype: str) -> np.ndarray:
+    """SPEC 11.3's entry -> word map, bit for bit: NaN/Inf -> 0, clamp, round to float32, round to the word dtype.
+    (The explicit float32 step is what torch's float64 -> float16/bfloat16 conversion does anyway.)"""
     big = torch.finfo(torch_dtype(dtype)).max
-    return to_words(np.clip(finite(x), -big, big), dtype)
+    return to_words(np.clip(finite(x), -big, big).astype(np.float32), dtype)
 
 
 def _triu(D: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ for each, its size k and every tensor it acts on with the axis it acts along.
 
 Convention for a symmetry with orthogonal R (k x k): along the acting axis every tensor is contracted with R^T,
 i.e. axis 0: W <- R^T W (and b <- R^T b), axis 1: W <- W R. That is exactly Remark 3.1 of the paper in PyTorch's
-(out, in) layout (see shared/reference/slicegpt-layout.md); outputs are unchanged for any orthogonal R.
+(out, in) layout; outputs are unchanged for any orthogonal R. SPEC.md section 9 lists the tensors this produces.
 """
 
 from __future__ import annotations
