@@ -47,9 +47,17 @@ def served(model, tmp_path_factory):
 
 @pytest.fixture()
 def plan(served):
-    served[2].clear()
-    yield served[2]
-    served[2].clear()
+    """The server's fault plan, empty, after the previous test's last requests (a cancelled load's chunks may still
+    be in flight) have been logged."""
+    p = served[2]
+    p.clear()
+    yield p
+    quiet_since, n = time.monotonic(), len(p.log)
+    while time.monotonic() - quiet_since < 0.3:
+        time.sleep(0.05)
+        if len(p.log) != n:
+            quiet_since, n = time.monotonic(), len(p.log)
+    p.clear()
 
 
 @pytest.fixture(scope="module")
