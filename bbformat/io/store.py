@@ -71,38 +71,6 @@ class Store:
         pass
 
 
-class LocalStore(Store):
-    """A local file, memory-mapped: sections are read-only views of the page cache (no copy, no fresh memory to
-    fault in)."""
-
-    def __init__(self, url: str, path: str):
-        super().__init__()
-        self.url, self.path = url, path
-        try:
-            with builtins.open(path, "rb") as f:
-                self.size = os.fstat(f.fileno()).st_size
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
-        except FileNotFoundError:
-            raise BBFError(f"no such file: {url}") from None
-        except (OSError, ValueError) as e:
-            raise BBFError(f"cannot open {url}: {e}") from None
-        self._buf = memoryview(self._map) if self._map is not None else memoryview(b"")
-
-    def fetch(self, ranges, urgent: bool = False):
-        self._check(ranges)
-        self.stats.requests += len(ranges)
-        self.stats.bytes += sum(b - a for a, b in ranges)
-        return done([self._buf[a:b] for a, b in ranges])
-
-    def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._buf.release()
-                self._map.close()
-            except BufferError:  # a view is still in use: the map goes when it does
-                pass
-
-
 class BufferStore(Store):
     """A whole .bbf file already in memory (bytes, bytearray, memoryview, mmap): reads are views, never copies."""
 
@@ -120,6 +88,31 @@ class BufferStore(Store):
         self.stats.requests += len(ranges)
         self.stats.bytes += sum(b - a for a, b in ranges)
         return done([self._buf[a:b] for a, b in ranges])
+
+
+class LocalStore(BufferStore):
+    """A local file, memory-mapped: sections are read-only views of the page cache (no copy, no fresh memory to
+    fault in)."""
+
+    def __init__(self, url: str, path: str):
+        self.path = path
+        try:
+            with builtins.open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except FileNotFoundError:
+            raise BBFError(f"no such file: {url}") from None
+        except (OSError, ValueError) as e:
+            raise BBFError(f"cannot open {url}: {e}") from None
+        super().__init__(self._map if self._map is not None else b"", url)
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._buf.release()
+                self._map.close()
+            except BufferError:  # a view is still in use: the map goes when it does
+                pass
 
 
 class RemoteStore(Store):
