@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from ..errors import BBFError, ObjectChangedError, RangeNotSupportedError, TransportError
+from ..errors import BBFError, TransportError
 from .transport import Permanent, Transient
 
 
@@ -209,9 +209,7 @@ class Fetcher:
                 label = what() if callable(what) else what
                 raise (BBFError(f"no such file: {self.url}") if e.missing else
                        TransportError(f"{self.url}: reading {label} failed: {e}")) from None
-            except (ObjectChangedError, RangeNotSupportedError):
-                raise
-            finally:
+            finally:  # a changed object or an ignored Range propagates as it is: neither is worth a retry
                 self.stats.end()
             await asyncio.sleep(delay)
 
