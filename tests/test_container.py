@@ -65,12 +65,30 @@ def test_file_and_memory_urls(model, bbf_file):
     assert_same(bbformat.load("memory://x/m.bbf"), tensors)
 
 
-def test_stream_order_is_last_to_first(model, bbf_file):
+def test_stream_order_smallest_first_then_largest_first(model, bbf_file):
     desc, tensors = model
     with bbformat.open(str(bbf_file)) as f:
+        size = {g: sum(r.raw_len for r in f._by_group[g].values()) for g in desc.groups()}
         seen = [g for g, _ in f.stream(readahead=2)]
-        assert seen == list(reversed(desc.groups()))
-        assert seen[0] == "head" and seen[-1] == "embed"
+        assert sorted(seen) == sorted(desc.groups())
+        assert size[seen[0]] == min(size.values())
+        assert [size[g] for g in seen[1:]] == sorted((size[g] for g in seen[1:]), reverse=True)
+
+
+def test_stream_any_subset_in_any_order_fetches_only_those_groups(model, bbf_file):
+    desc, tensors = model
+    want = ["layer.1", "embed"]
+    with bbformat.open(str(bbf_file)) as f:
+        before = f.stats["bytes"]
+        got = list(f.stream(groups=want))
+        assert [g for g, _ in got] == want
+        assert f.stats["bytes"] - before == sum(f.group_stored_bytes(g) for g in want)
+        for g, ts in got:
+            assert sorted(ts) == sorted(t.name for t in desc.group_tensors(g))
+            for name, t in ts.items():
+                assert torch.equal(t, tensors[name])
+        with pytest.raises(KeyError, match="no group 'layer.99'"):
+            next(f.stream(groups=["layer.99"]))
 
 
 def test_random_access_fetches_only_its_sections(model, bbf_file):

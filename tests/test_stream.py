@@ -230,7 +230,7 @@ def test_stream_holds_a_bounded_window(served, plan):
     _, url, _ = served
     opts = dict(FAST, concurrency=2)  # budget: 2 x 16 KiB
     with bbformat.open(f"{url}/m.bbf", fetch=opts) as f:
-        order = list(reversed(f.model.groups()))
+        order = f.stream_order()
         it = f.stream(readahead=1)
         first, _ = next(it)
         assert first == order[0]

@@ -2,7 +2,7 @@
 
     with bbformat.open("https://host/model.bbf") as f:
         f.keys(); f.get_tensor("lm_head.weight")          # random access: fetches only that group's sections
-        for group, tensors in f.stream():                 # head, layer.L-1 .. layer.0, embed (bits-back order)
+        for group, tensors in f.stream():                 # every group, smallest first, then largest first
             ...
 
 Every section's checksum is verified before its bytes are used; nothing is ever unpickled.
@@ -103,14 +103,28 @@ class BBFReader:
                 self._cache.popitem(last=False)
         return out
 
-    def stream(self, readahead: int = 2, workers: int | None = None, dtype: torch.dtype | None = None
-               ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """Yield (group, tensors) from the last group to the first: head, layer.L-1, ..., layer.0, embed.
+    def stream(self, readahead: int = 2, workers: int | None = None, dtype: torch.dtype | None = None,
+               groups: list[str] | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """Yield (group, tensors) for `groups`, in that order; only their sections are fetched. Every group decodes
+        alone (SPEC 6), so any order and any subset are fine: model order is `f.model.groups()`.
 
+        Default: every group, in `stream_order()`: the smallest group first (it arrives after one chunk), then the
+        others largest first (what is left when the wire is done is small, as in `load_all`).
         At most `readahead` decoded groups wait beyond the one the caller holds; their bytes are fetched (remote:
         up to concurrency x chunk_size ahead) and decoded on background threads while the caller works. `dtype`:
         the tensors are cast on those threads too, instead of one by one on the caller's."""
-        yield from self._pipeline(list(reversed(self.model.groups())), readahead, workers, cast=dtype)
+        order = self.stream_order() if groups is None else list(groups)
+        unknown = [g for g in order if g not in self._by_group]
+        if unknown:
+            raise KeyError(f"no group {unknown[0]!r} in {self.url} (groups: {', '.join(self.model.groups())})")
+        yield from self._pipeline(order, readahead, workers, cast=dtype)
+
+    def stream_order(self) -> list[str]:
+        """stream()'s default order: the smallest group, then the rest largest first (ties: model order)."""
+        groups = self.model.groups()
+        size = {g: sum(r.raw_len for r in self._by_group[g].values()) for g in groups}
+        first = min(groups, key=size.__getitem__)
+        return [first] + sorted((g for g in groups if g != first), key=lambda g: -size[g])
 
     def load_all(self, workers: int | None = None) -> dict[str, torch.Tensor]:
         """Every tensor, decoded: largest group first, one group per core (nesting a section's own parallel decode
