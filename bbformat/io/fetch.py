@@ -225,17 +225,29 @@ class Prefetcher:
         self.next, self.outstanding = 0, 0
         self.cond = threading.Condition()
         self.closed = False
+        self._first_in = False
         self._pump()
 
     def _pump(self) -> None:
+        first = None
         with self.cond:
-            while (not self.closed and self.next < len(self.items)
+            while (not self.closed and self.next < len(self.items) and (self.next == 0 or self._first_in)
                    and (self.outstanding == 0 or self.outstanding + self.sizes[self.next] <= self.budget)):
-                # the first item is what the consumer waits for now: spread it over every connection
+                # the first item is what the consumer waits for now: spread it over every connection, and issue
+                # nothing else until it is in (measured at 50 MB/s: sharing the wire with the next items' chunks,
+                # a 4.6 MB first group took 0.38 s; alone, 0.14 s)
                 self.futures[self.next] = self._fetch(self.items[self.next], self.next == 0)
+                first = self.futures[0] if self.next == 0 else first
                 self.outstanding += self.sizes[self.next]
                 self.next += 1
             self.cond.notify_all()
+        if first is not None:  # outside the lock: a future already done runs the callback at once
+            first.add_done_callback(self._first_done)
+
+    def _first_done(self, _fut) -> None:
+        with self.cond:
+            self._first_in = True
+        self._pump()
 
     def get(self, i: int) -> list:
         """Item i's buffers, waiting for them to be issued and to arrive."""
