@@ -32,6 +32,10 @@ _LAZY = {
     "save": ".container.writer",
     "load_model": ".models.loader",
     "load_pretrained": ".models.loader",
+    "Stage": ".models.stage",
+    "StageError": ".models.stage",
+    "pipeline_stage": ".models.stage",
+    "stage_bytes": ".models.stage",
     # the transformers model: imported, and registered with the Auto classes, on first use
     "SlicedForCausalLM": ".models.modeling",
     "SlicedConfig": ".models.modeling",

@@ -1,4 +1,5 @@
-"""`bbf-inspect FILE_OR_URL [--json]`: what a .bbf holds and where its bytes went."""
+"""`bbf-inspect FILE_OR_URL [--json] [--stages N]`: what a .bbf holds, where its bytes went, and what each of N
+pipeline stages would fetch."""
 
 from __future__ import annotations
 
@@ -100,6 +101,14 @@ def render(s: dict[str, Any]) -> str:
                    f"{t['symmetry_theoretical_words']:,} words; {t['corrections']:,} corrections")
     if t["checksums_ok"] is not None:
         out.append("checksums: " + ("all ok" if t["checksums_ok"] else "MISMATCH"))
+    if "stages" in s:
+        out.append("")
+        out.append(f"{len(s['stages'])} pipeline stages (bbformat.pipeline_stage; each also reads the suffix at open):")
+        for r in s["stages"]:
+            a, b = r["layers"]
+            parts = (["embed"] if "embed" in r["groups"] else []) + [f"blocks {a}..{b - 1}"] + \
+                (["head"] if "head" in r["groups"] else [])
+            out.append(f"  rank {r['rank']:>3}: {' + '.join(parts)}: {_fmt_bytes(r['stored_bytes'])}")
     return "\n".join(out)
 
 
@@ -119,6 +128,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true",
                    help="also print what reading cost: requests (retries included), retries, bytes, seconds "
                         "(default: not printed)")
+    p.add_argument("--stages", type=int, metavar="N",
+                   help="also show how N pipeline stages (ranks) split the blocks, and the stored bytes each fetches "
+                        "(default: not shown)")
     add_storage_args(p)
 
 
@@ -127,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
 
     with BBFReader(args.file, storage_options(args), fetch=fetch_options(args)) as f:
         s = summarize(f, check=not args.no_check)
+        if args.stages is not None:
+            from ..models.stage import stage_plan
+
+            s["stages"] = stage_plan(f, args.stages)
         if args.stats:
             s["io"] = f.stats
     text = render(s)

@@ -5,12 +5,15 @@ fetched by the I/O engine and decoded on background threads while the next ones 
 `device`, as they arrive.
 
 - `load_model(url)`: the torch-only `SlicedLM` (`model(input_ids) -> logits`); needs no transformers.
+  `load_model(url, stage=(rank, world_size))`: one pipeline stage (`SlicedStage`, bbformat.models.stage), built
+  from its groups only, which are all that is fetched.
 - `load_pretrained(url)`: (`SlicedForCausalLM`, tokenizer): the transformers model over the same modules, with a KV
   cache, `generate()` and pipelines; the tokenizer is the one stored in the file (or beside it).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +23,24 @@ from ..container.reader import BBFReader
 from ..errors import BBFError
 from ..io.fetch import FetchOptions
 from .sliced import SlicedLM
+from .stage import SlicedStage, Stage, resolve_stage
 
 TOKENIZER_AUX = "tokenizer"
 TOKENIZER_MEDIA_TYPE = "application/vnd.bbformat.tokenizer+json"
 
 
-def load_model(url: str, storage_options: dict | None = None, dtype: torch.dtype = torch.float32,
+def load_model(url: str | BBFReader, storage_options: dict | None = None, dtype: torch.dtype = torch.float32,
                progress: bool = False, device: torch.device | str | None = None,
-               fetch: FetchOptions | dict | None = None) -> SlicedLM:
-    """Build the SliceGPT-form model stored in `url` (any fsspec URL) as a torch module in eval mode
-    (`model(input_ids) -> logits`). Each group is placed on `device` as it arrives; `progress` shows a bar in bytes
-    and MB/s. For `generate()`, use `load_pretrained`."""
-    model, _ = read_model(url, storage_options, dtype, progress, device, fetch, cls=SlicedLM, want_tokenizer=False)
+               fetch: FetchOptions | dict | None = None, stage: Stage | tuple[int, int] | None = None
+               ) -> SlicedLM | SlicedStage:
+    """Build the SliceGPT-form model stored in `url` (any fsspec URL, or an open BBFReader, which stays open) as a
+    torch module in eval mode (`model(input_ids) -> logits`). Each group is placed on `device` as it arrives;
+    `progress` shows a bar in bytes and MB/s. For `generate()`, use `load_pretrained`.
+
+    `stage`: build one pipeline stage only, a `SlicedStage`; (rank, world_size) splits the blocks as
+    `pipeline_stage` does, a `Stage` names its blocks. Only that stage's groups are fetched."""
+    model, _ = read_model(url, storage_options, dtype, progress, device, fetch,
+                          cls=SlicedLM if stage is None else SlicedStage, want_tokenizer=False, stage=stage)
     return model
 
 
@@ -64,24 +73,30 @@ def load_pretrained(url: str, storage_options: dict | None = None, dtype: torch.
 
 
 def read_model(url, storage_options=None, dtype=torch.float32, progress=False, device=None, fetch=None, *, cls,
-               want_tokenizer: bool = True) -> tuple[Any, Any]:
-    """(model of class `cls` with the weights of `url` streamed in, tokenizer or None). `cls` is `SlicedLM` or
-    `SlicedForCausalLM` (anything with `empty(desc, dtype, device[, word_dtype])` and `load_group`)."""
+               want_tokenizer: bool = True, stage: Stage | tuple[int, int] | None = None) -> tuple[Any, Any]:
+    """(model of class `cls` with the weights of `url` (a URL or an open BBFReader) streamed in, tokenizer or None).
+    `cls` is `SlicedLM`, `SlicedStage` (with `stage`) or `SlicedForCausalLM` (anything with
+    `empty(desc, dtype, device[, word_dtype])` and `load_group`)."""
     from tqdm.auto import tqdm
 
-    with BBFReader(url, storage_options, fetch=fetch) as f:
+    with _reader(url, storage_options, fetch) as f:
         if dtype == "auto":
             dtype = getattr(torch, f.dtype)
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        if cls is SlicedLM:
+        groups = None  # every group, in the stream's own order
+        if cls is SlicedStage:
+            stage = resolve_stage(stage, f.model.num_layers)
+            model = SlicedStage.empty(f.model, dtype=dtype or torch.float32, device=device, stage=stage)
+            groups = stage.groups()
+        elif cls is SlicedLM:
             model = SlicedLM.empty(f.model, dtype=dtype or torch.float32, device=device)
         else:
             model = cls.empty(f.model, dtype=dtype or torch.float32, device=device, word_dtype=f.dtype)
-        total = sum(f.group_stored_bytes(g) for g in f.model.groups())
+        total = sum(f.group_stored_bytes(g) for g in groups or f.model.groups())
         with tqdm(total=total, desc="load", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress,
                   leave=False) as bar:
-            for group, tensors in f.stream(dtype=dtype or torch.float32):  # cast on the decode threads
+            for group, tensors in f.stream(dtype=dtype or torch.float32, groups=groups):  # cast on decode threads
                 model.load_group(tensors)
                 bar.update(f.group_stored_bytes(group))
         tokenizer = None
@@ -93,6 +108,13 @@ def read_model(url, storage_options=None, dtype=torch.float32, progress=False, d
             if hasattr(model, "_bbf_tokenizer"):
                 model._bbf_tokenizer = raw
     return model.eval(), tokenizer
+
+
+def _reader(url, storage_options, fetch):
+    """A reader for `url`, closed on exit; a caller's open BBFReader is used as it is and left open."""
+    if isinstance(url, BBFReader):
+        return contextlib.nullcontext(url)
+    return BBFReader(url, storage_options, fetch=fetch)
 
 
 def _fill_generation_config(model, tokenizer) -> None:

@@ -14,6 +14,9 @@ Two models share these modules and `forward_hidden`:
 - `bbformat.models.modeling.SlicedForCausalLM`: a transformers `PreTrainedModel` around the same modules (KV cache,
   attention masks, `generate`, pipelines).
 
+A pipeline stage (`bbformat.models.stage.SlicedStage`) holds only some blocks of the same modules and runs
+`forward_blocks`, the part of `forward_hidden` after the embedding, over them.
+
 The attention takes an optional mask (boolean or additive, broadcastable to [B, heads, T, T_kv]) and an optional
 cache object with transformers' `Cache.update(k, v, layer_idx) -> (k, v)` contract; this module never imports
 transformers.
@@ -230,21 +233,27 @@ class SlicedDecoderLayer(nn.Module):
 
 
 class SlicedStack(nn.Module):
-    """Embeddings (token, and OPT's learned positions), the blocks and the final weightless norm."""
+    """Embeddings (token, and OPT's learned positions), the blocks and the final weightless norm.
 
-    def __init__(self, desc: ModelDesc):
+    A pipeline stage (bbformat.models.stage) builds only its blocks `layers` (and the embeddings only when `embed`):
+    the other entries of `self.layers` are None, so every block it holds keeps its SliceGPT name."""
+
+    def __init__(self, desc: ModelDesc, layers: range | None = None, embed: bool = True):
         super().__init__()
         self.desc = desc
-        V, k = desc.vocab_size, desc.embedding_dims[0]
-        # `_weight`: no random init. On the meta device nn.Embedding's normal_ goes through torch._refs, whose first
-        # use imports torch._prims and friends: 1.5 s of a 1.9 s load_model (measured).
-        self.embed_tokens = nn.Embedding(V, k, _weight=torch.empty(V, k))
-        if desc.family == "opt":
-            P, kp = desc.max_position_embeddings + 2, desc.embedding_dims[1]
-            self.embed_positions = nn.Embedding(P, kp, _weight=torch.empty(P, kp))
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.layers = nn.ModuleList(SlicedDecoderLayer(desc, i) for i in range(desc.num_layers))
+        if embed:
+            V, k = desc.vocab_size, desc.embedding_dims[0]
+            # `_weight`: no random init. On the meta device nn.Embedding's normal_ goes through torch._refs, whose
+            # first use imports torch._prims and friends: 1.5 s of a 1.9 s load_model (measured).
+            self.embed_tokens = nn.Embedding(V, k, _weight=torch.empty(V, k))
+            if desc.family == "opt":
+                P, kp = desc.max_position_embeddings + 2, desc.embedding_dims[1]
+                self.embed_positions = nn.Embedding(P, kp, _weight=torch.empty(P, kp))
+            for p in self.parameters():
+                p.requires_grad_(False)
+        held = range(desc.num_layers) if layers is None else layers
+        self.layers = nn.ModuleList(SlicedDecoderLayer(desc, i) if i in held else None
+                                    for i in range(desc.num_layers))
         self.norm = RMSNorm(desc.hidden_size, desc.rms_eps)
         self._inv_freq: dict = {}  # (device, dtype) -> RoPE inverse frequencies (not a buffer: .to(dtype) would round it)
 
@@ -256,19 +265,22 @@ class SlicedStack(nn.Module):
         return rope_tables(self.desc, position_ids, dtype, inv_freq=inv)
 
 
-def build_modules(root: nn.Module, desc: ModelDesc) -> None:
+def build_modules(root: nn.Module, desc: ModelDesc, layers: range | None = None, embed: bool = True,
+                  head: bool = True) -> None:
     """Give `root` the SliceGPT module tree: `model` (llama) or `model.decoder` (opt) and `lm_head`. Build it under
-    `torch.device("meta")` to allocate nothing until the weights arrive."""
+    `torch.device("meta")` to allocate nothing until the weights arrive. A pipeline stage passes the blocks it
+    holds and whether it holds the embeddings and the head (default: the whole model)."""
     check_desc(desc)
-    stack = SlicedStack(desc)
+    stack = SlicedStack(desc, layers, embed)
     if desc.family == "opt":
         root.model = nn.Module()
         root.model.decoder = stack
     else:
         root.model = stack
-    root.lm_head = nn.Linear(desc.mlp_output_dims[-1], desc.vocab_size, bias=desc.lm_head_bias)
-    for p in root.lm_head.parameters():
-        p.requires_grad_(False)
+    if head:
+        root.lm_head = nn.Linear(desc.mlp_output_dims[-1], desc.vocab_size, bias=desc.lm_head_bias)
+        for p in root.lm_head.parameters():
+            p.requires_grad_(False)
 
 
 def stack_of(root: nn.Module) -> SlicedStack:
@@ -288,24 +300,34 @@ def forward_hidden(root: nn.Module, input_ids: torch.Tensor | None = None, posit
                    mask: torch.Tensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """The final normalised hidden states [B, T, k_c(L-1)] of the SliceGPT model whose modules `root` holds."""
+    x = stack_of(root).embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    return forward_blocks(root, x, range(root.desc.num_layers), position_ids, mask, cache)
+
+
+def forward_blocks(root: nn.Module, x: torch.Tensor, layers: range, position_ids: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, cache=None, first: bool = True, last: bool = True
+                   ) -> torch.Tensor:
+    """Blocks `layers` of the model whose modules `root` holds, on x [B, T, k_a(layers[0])]: the token embeddings
+    when `first` (OPT's learned positions are added here), else the hidden state a previous pipeline stage handed
+    over. The hidden state leaving the last of them [B, T, k_c], normalised by the final norm when `last`."""
     desc = root.desc
     stack = stack_of(root)
-    x = stack.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     B, T = x.shape[:2]
     if position_ids is None:
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = positions_from_mask(None, B, T, past, x.device)
     rope = None
     if desc.family == "opt":
-        if int(position_ids.max()) >= desc.max_position_embeddings:
-            raise ModelError(f"position {int(position_ids.max())} is beyond the model's "
-                             f"{desc.max_position_embeddings} positions")
-        x = x + stack.embed_positions(position_ids + 2)  # OPT's learned positions carry an offset of 2
+        if first:
+            if int(position_ids.max()) >= desc.max_position_embeddings:
+                raise ModelError(f"position {int(position_ids.max())} is beyond the model's "
+                                 f"{desc.max_position_embeddings} positions")
+            x = x + stack.embed_positions(position_ids + 2)  # OPT's learned positions carry an offset of 2
     else:
         rope = stack.rope(position_ids, x.dtype)
-    for layer in stack.layers:
-        x = layer(x, rope, mask, cache)
-    return stack.norm(x)
+    for i in layers:
+        x = stack.layers[i](x, rope, mask, cache)
+    return stack.norm(x) if last else x
 
 
 def logits_of(root: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -318,8 +340,11 @@ class SlicedWeights:
 
     desc: ModelDesc
 
-    def _init_weights_state(self, desc: ModelDesc, dtype: torch.dtype | None, device) -> None:
-        self._shapes = {t.name: t.shape for t in desc.tensors()}
+    def _init_weights_state(self, desc: ModelDesc, dtype: torch.dtype | None, device,
+                            groups: list[str] | None = None) -> None:
+        """`groups`: the groups whose tensors this module holds (a pipeline stage's); default: every group."""
+        tensors = desc.tensors() if groups is None else [t for g in groups for t in desc.group_tensors(g)]
+        self._shapes = {t.name: t.shape for t in tensors}
         self._loaded: set[str] = set()
         self._load_dtype, self._load_device = dtype, device
 
