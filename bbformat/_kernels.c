@@ -3,6 +3,7 @@
  * numpy / zlib: the reference the tests compare these against, and the fallback when this module was not built.
  *
  * decode: a piece's symbol streams (one per class of lines) + bases + escapes + the low byte planes -> words
+ * rans_table / rans_encode / rans_decode / pack_bits: entropy method 2 (rANS over one symbol per word)
  * triangle: an `exact` carrier's packed triangle -> its k x k block
  * crc32:  zlib.crc32
  *
@@ -237,6 +238,353 @@ done:
 }
 
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * Entropy method 2 (SPEC.md 13.8): a static rANS over one symbol per word, four interleaved states.
+ *
+ * State x is 32 bits in [2^16, 2^32); frequencies are 12-bit (each class's table sums to 4096); renormalisation
+ * moves 16-bit words (little-endian). Symbol t of a chunk uses state t mod 4. A chunk's data: the 4 states the
+ * decoder starts from (u32 little-endian each), then the 16-bit words in the order the decoder reads them. The
+ * encoder starts every state at 2^16, so a decoder that ends elsewhere, or with words left, saw corrupt data.
+ * Decode-table entry (one per 12-bit slot): symbol | (freq - 1) << 8 | (slot - cum) << 20.
+ */
+#define RANS_L (1u << 16)
+#define RANS_BITS 12
+#define RANS_M (1u << RANS_BITS)
+#define RANS_SYMS 256
+#define RANS_ESCAPE 255
+#define RANS_STATES 4
+
+/* rans_table(freqs) -> bytes: K decode tables (K x 4096 u32) from K x 256 u16 frequencies, each summing to 4096. */
+static PyObject *rans_table(PyObject *self, PyObject *args) {
+    Py_buffer fb;
+    if (!PyArg_ParseTuple(args, "y*", &fb)) return NULL;
+    const char *err = NULL;
+    PyObject *res = NULL;
+    const Py_ssize_t K = fb.len / (2 * RANS_SYMS);
+    if (fb.len % (2 * RANS_SYMS) || K < 1 || K > MAX_CLASSES) {
+        err = "rans_table: need 1 to 16 tables of 256 u16 frequencies";
+        goto done;
+    }
+    res = PyBytes_FromStringAndSize(NULL, K * RANS_M * 4);
+    if (!res) goto done;
+    uint32_t *t = (uint32_t *)PyBytes_AS_STRING(res);
+    const uint8_t *f8 = (const uint8_t *)fb.buf;
+    for (Py_ssize_t c = 0; c < K && !err; c++) {
+        uint32_t cum = 0;
+        for (uint32_t s = 0; s < RANS_SYMS; s++) {
+            const uint32_t f = f8[2 * (c * RANS_SYMS + s)] | (uint32_t)f8[2 * (c * RANS_SYMS + s) + 1] << 8;
+            if (f > RANS_M - cum) { err = "a frequency table sums to more than 4096"; break; }
+            for (uint32_t j = 0; j < f; j++) t[c * RANS_M + cum + j] = s | (f - 1) << 8 | j << 20;
+            cum += f;
+        }
+        if (!err && cum != RANS_M) err = "a frequency table does not sum to 4096";
+    }
+done:
+    PyBuffer_Release(&fb);
+    if (err) {
+        Py_XDECREF(res);
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return res;
+}
+
+/* rans_encode(syms, classes, freqs) -> bytes: symbol t (a byte) coded with table classes[t] (freqs: K x 256 u16,
+ * each summing to 4096); every symbol's frequency must be > 0. */
+static PyObject *rans_encode(PyObject *self, PyObject *args) {
+    Py_buffer sb, cb, fb;
+    if (!PyArg_ParseTuple(args, "y*y*y*", &sb, &cb, &fb)) return NULL;
+    const char *err = NULL;
+    PyObject *res = NULL;
+    uint8_t *buf = NULL;
+    uint32_t cum[MAX_CLASSES][RANS_SYMS + 1], freq[MAX_CLASSES][RANS_SYMS];
+    const Py_ssize_t n = sb.len, K = fb.len / (2 * RANS_SYMS);
+    const uint8_t *s8 = (const uint8_t *)sb.buf, *c8 = (const uint8_t *)cb.buf, *f8 = (const uint8_t *)fb.buf;
+    if (cb.len != n || fb.len % (2 * RANS_SYMS) || K < 1 || K > MAX_CLASSES) {
+        err = "rans_encode: inconsistent sizes";
+        goto done;
+    }
+    for (Py_ssize_t c = 0; c < K; c++) {
+        cum[c][0] = 0;
+        for (int s = 0; s < RANS_SYMS; s++) {
+            freq[c][s] = f8[2 * (c * RANS_SYMS + s)] | (uint32_t)f8[2 * (c * RANS_SYMS + s) + 1] << 8;
+            cum[c][s + 1] = cum[c][s] + freq[c][s];
+        }
+        if (cum[c][RANS_SYMS] != RANS_M) { err = "a frequency table does not sum to 4096"; goto done; }
+    }
+    for (Py_ssize_t t = 0; t < n; t++)
+        if (c8[t] >= K || !freq[c8[t]][s8[t]]) { err = "a symbol has frequency 0 in its class"; goto done; }
+    const size_t cap = 2 * (size_t)n + 4 * RANS_STATES;
+    if (!(buf = malloc(cap))) { PyErr_NoMemory(); goto done; }
+    uint8_t *p = buf + cap;
+    uint32_t x[RANS_STATES] = {RANS_L, RANS_L, RANS_L, RANS_L};
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t t = n - 1; t >= 0; t--) { /* backwards: the decoder reads forwards */
+        uint32_t *st = &x[t & (RANS_STATES - 1)];
+        const uint32_t c = c8[t], s = s8[t], f = freq[c][s];
+        if ((uint64_t)*st >= (uint64_t)f << 20) { /* (L >> 12 << 16) * f: keep x below 2^32 after coding */
+            p -= 2;
+            p[0] = (uint8_t)*st;
+            p[1] = (uint8_t)(*st >> 8);
+            *st >>= 16;
+        }
+        *st = ((*st / f) << RANS_BITS) + (*st % f) + cum[c][s];
+    }
+    for (int i = RANS_STATES - 1; i >= 0; i--) {
+        p -= 4;
+        for (int b = 0; b < 4; b++) p[b] = (uint8_t)(x[i] >> 8 * b);
+    }
+    Py_END_ALLOW_THREADS
+    res = PyBytes_FromStringAndSize((const char *)p, buf + cap - p);
+done:
+    free(buf);
+    PyBuffer_Release(&sb); PyBuffer_Release(&cb); PyBuffer_Release(&fb);
+    if (err) PyErr_SetString(PyExc_ValueError, err);
+    return res;
+}
+
+/* pack_bits(values, ws, width) -> bytes: the low `width` bits (0..24) of each ws-byte little-endian word, LSB first. */
+static PyObject *pack_bits(PyObject *self, PyObject *args) {
+    Py_buffer vb;
+    int ws, width;
+    if (!PyArg_ParseTuple(args, "y*ii", &vb, &ws, &width)) return NULL;
+    if ((ws != 2 && ws != 4) || vb.len % ws || width < 0 || width > 24) {
+        PyBuffer_Release(&vb);
+        PyErr_SetString(PyExc_ValueError, "pack_bits: inconsistent sizes");
+        return NULL;
+    }
+    const Py_ssize_t n = vb.len / ws;
+    PyObject *res = PyBytes_FromStringAndSize(NULL, (n * width + 7) / 8);
+    if (res) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(res);
+        const uint8_t *v = (const uint8_t *)vb.buf;
+        const uint32_t mask = (1u << width) - 1;
+        Py_BEGIN_ALLOW_THREADS
+        uint64_t bb = 0;
+        int nb = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t w = v[i * ws] | (uint32_t)v[i * ws + 1] << 8;
+            if (ws == 4) w |= (uint32_t)v[i * ws + 2] << 16 | (uint32_t)v[i * ws + 3] << 24;
+            bb |= (uint64_t)(w & mask) << nb;
+            for (nb += width; nb >= 8; nb -= 8, bb >>= 8) *o++ = (uint8_t)bb;
+        }
+        if (nb) *o = (uint8_t)bb;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&vb);
+    return res;
+}
+
+/* The state of one chunk's decoding: its rANS words, escapes and raw low bits (every read bounds-checked). */
+typedef struct {
+    const uint8_t *p, *end;   /* rANS words not read yet */
+    const uint8_t *rp, *rend; /* raw bits: bytes not loaded into bb yet */
+    uint64_t bb;              /* loaded raw bits, nb of them */
+    int nb, width, ws;
+    uint32_t rmask, tmask;
+    const uint8_t *esc;       /* escaped top values (u16) */
+    Py_ssize_t ei, n_esc;
+    int bad;                  /* 1: stream too short, 2: escapes too short, 3: escape too wide */
+} Rans;
+
+/* afterwards nb >= 56, or every remaining byte is loaded */
+static inline __attribute__((always_inline)) void raw_refill(Rans *d) {
+    if (d->rend - d->rp >= 8) {
+        uint64_t w8;
+        memcpy(&w8, d->rp, 8); /* little-endian host assumed, as for the words themselves */
+        d->bb |= w8 << d->nb;
+        d->rp += (63 - d->nb) >> 3;
+        d->nb |= 56;
+    } else {
+        while (d->nb <= 56 && d->rp < d->rend) { d->bb |= (uint64_t)*d->rp++ << d->nb; d->nb += 8; }
+    }
+}
+
+static inline __attribute__((always_inline)) uint32_t raw_take(Rans *d) { /* the caller checked that the bits exist */
+    if (__builtin_expect(d->nb < d->width, 0)) raw_refill(d);
+    const uint32_t r = (uint32_t)d->bb & d->rmask;
+    d->bb >>= d->width;
+    d->nb -= d->width;
+    return r;
+}
+
+static inline __attribute__((always_inline)) uint32_t escape_top(Rans *d) {
+    if (d->ei >= d->n_esc) { d->bad = 2; return 0; }
+    const uint32_t top = d->esc[2 * d->ei] | (uint32_t)d->esc[2 * d->ei + 1] << 8;
+    d->ei++;
+    if (top > d->tmask) d->bad = 3;
+    return top;
+}
+
+/* One symbol with state X from table TB, base BASE -> top value TOP. FAST: at least 2 bytes of rANS words remain,
+ * so the renormalisation reads branch-free. */
+#define RANS_STEP(X, TB, BASE, TOP, FAST)                                                        \
+    do {                                                                                         \
+        const uint32_t e_ = (TB)[(X) & (RANS_M - 1)], s_ = e_ & 0xFF;                            \
+        X = ((e_ >> 8 & (RANS_M - 1)) + 1) * ((X) >> RANS_BITS) + (e_ >> 20);                    \
+        if (FAST) {                                                                              \
+            const uint32_t w_ = d.p[0] | (uint32_t)d.p[1] << 8;                                  \
+            const int need_ = (X) < RANS_L;                                                      \
+            X = need_ ? (X) << 16 | w_ : (X);                                                    \
+            d.p += 2 * need_;                                                                    \
+        } else if ((X) < RANS_L) {                                                               \
+            if (d.end - d.p < 2) { d.bad = 1; break; }                                           \
+            X = (X) << 16 | d.p[0] | (uint32_t)d.p[1] << 8;                                      \
+            d.p += 2;                                                                            \
+        }                                                                                        \
+        TOP = s_; (void)(BASE);                                                                  \
+    } while (0)
+
+#define PUT_WORD(I, TOP)                                                                         \
+    do {                                                                                         \
+        const uint32_t w_ = (TOP) << d.width | raw_take(&d);                                     \
+        if (ws == 2) o2[I] = (uint16_t)(w_ >> 1 | w_ << 15);                                   \
+        else o4[I] = w_ >> 1 | w_ << 31;                                                         \
+    } while (0)
+
+/* The decoding loop of one chunk, specialised (inlined with constants) on the word size and the line direction.
+ * Two passes per batch of up to RANS_BATCH elements of a row: the rANS symbols alone (a tight loop over 4
+ * independent states), then the words (top values, escapes, raw low bits), which the compiler can pipeline. */
+#define RANS_BATCH 512
+static inline __attribute__((always_inline)) void rans_chunk(Rans *dp, uint32_t *xs, const uint32_t **tbv,
+                                                            const uint32_t *bv, uint16_t *o2, uint32_t *o4,
+                                                            Py_ssize_t n, Py_ssize_t cols, Py_ssize_t y0,
+                                                            Py_ssize_t pos0, Py_ssize_t l0, const int ws,
+                                                            const int by_cols) {
+    Rans d = *dp; /* local copies: kept in registers (the output stores could alias them otherwise) */
+    uint32_t x0 = xs[0], x1 = xs[1], x2 = xs[2], x3 = xs[3];
+    d.ws = ws;
+    const Py_ssize_t cs = by_cols ? 1 : 0; /* a by_cols piece changes table and base every element */
+    uint8_t sym[RANS_BATCH];
+    Py_ssize_t t = 0, xx = pos0 - y0 * cols, y = y0;
+    while (t < n && !d.bad) { /* one batch of one row at a time: t .. t + len - 1 are columns xx .. xx + len - 1 */
+        Py_ssize_t len = cols - xx < n - t ? cols - xx : n - t;
+        if (len > RANS_BATCH) len = RANS_BATCH;
+        const uint32_t **tl = tbv + (by_cols ? xx : y - l0);
+        const uint32_t *bl = bv + (by_cols ? xx : y - l0);
+        Py_ssize_t j = 0;
+#define SYM_STEP(X, J, FAST) RANS_STEP(X, tl[(J) * cs], 0, sym[J], FAST)
+        /* pass 1: symbols. RANS_STEP's top value is the symbol itself here (base 0, no escape lookup) */
+        for (; j < len && ((t + j) & 3) && !d.bad; j++) {
+            switch ((t + j) & 3) {
+            case 1: SYM_STEP(x1, j, 0); break;
+            case 2: SYM_STEP(x2, j, 0); break;
+            default: SYM_STEP(x3, j, 0); break;
+            }
+        }
+        for (; j + 4 <= len && d.end - d.p >= 8; j += 4) {
+            SYM_STEP(x0, j, 1);
+            SYM_STEP(x1, j + 1, 1);
+            SYM_STEP(x2, j + 2, 1);
+            SYM_STEP(x3, j + 3, 1);
+        }
+        for (; j < len && !d.bad; j++) {
+            switch ((t + j) & 3) {
+            case 0: SYM_STEP(x0, j, 0); break;
+            case 1: SYM_STEP(x1, j, 0); break;
+            case 2: SYM_STEP(x2, j, 0); break;
+            default: SYM_STEP(x3, j, 0); break;
+            }
+        }
+#undef SYM_STEP
+        if (d.bad) break;
+        /* pass 2: words */
+        for (j = 0; j < len; j++) {
+            const uint32_t s = sym[j];
+            const uint32_t top = __builtin_expect(s == RANS_ESCAPE, 0) ? escape_top(&d) : (bl[j * cs] + s) & d.tmask;
+            PUT_WORD(t + j, top);
+        }
+        t += len;
+        xx += len;
+        if (xx == cols) { xx = 0; y++; }
+    }
+    *dp = d;
+    xs[0] = x0; xs[1] = x1; xs[2] = x2; xs[3] = x3;
+}
+
+/* rans_decode(out, ws, word0, cols, by_cols, pos0, n, classes, bases, tables, stream, escapes, raw, bit0, width)
+ *
+ * One chunk of a method-2 piece: elements pos0 .. pos0 + n - 1 (row-major) of a piece of `cols` columns whose first
+ * word is word `word0` of `out` (ws-byte words). Element (y, x) belongs to line x (by_cols) or y; its class and
+ * base are classes[line] (u8) and bases[line] (u16 little-endian). tables: K decode tables (rans_table). Symbol s
+ * gives the word's top value (base + s) mod 2^T, T = 8 ws - width; the escape symbol 255 takes the next u16 of
+ * `escapes` instead (which must be < 2^T, and used up exactly). The low `width` bits come from `raw` (bit-packed,
+ * LSB first) from bit `bit0` on. Word = rotr(top << width | low bits). Symbol t of the chunk uses state t mod 4;
+ * the chunk must end with every state at 2^16 and every rANS word read. */
+static PyObject *rans_decode(PyObject *self, PyObject *args) {
+    Py_buffer out, cls, bases, tables, stream, escapes, raw;
+    int ws, by_cols, width;
+    Py_ssize_t word0, cols, pos0, n, bit0;
+    if (!PyArg_ParseTuple(args, "w*innpnny*y*y*y*y*y*ni", &out, &ws, &word0, &cols, &by_cols, &pos0, &n, &cls, &bases,
+                          &tables, &stream, &escapes, &raw, &bit0, &width))
+        return NULL;
+    const char *err = NULL;
+    const uint32_t **tbv = NULL;
+    uint32_t *bv = NULL;
+    const Py_ssize_t K = tables.len / (RANS_M * 4), n_lines = cls.len;
+    const Py_ssize_t words = (ws == 2 || ws == 4) ? out.len / ws : 0;
+    if ((ws != 2 && ws != 4) || out.len % ws || width < 0 || width > 24 || width >= 8 * ws || cols < 1 ||
+        word0 < 0 || pos0 < 0 || n < 1 || word0 > words || pos0 > words - word0 || n > words - word0 - pos0 ||
+        tables.len % (RANS_M * 4) || K < 1 || K > MAX_CLASSES || bases.len != 2 * n_lines || escapes.len % 2 ||
+        bit0 < 0 || bit0 > (Py_ssize_t)raw.len * 8 || (width && ((Py_ssize_t)raw.len * 8 - bit0) / width < n) ||
+        (by_cols ? n_lines != cols : (pos0 + n - 1) / cols >= n_lines)) {
+        err = "rans_decode: inconsistent sizes";
+        goto done;
+    }
+    const uint8_t *c8 = (const uint8_t *)cls.buf, *b8 = (const uint8_t *)bases.buf;
+    const Py_ssize_t y0 = pos0 / cols, y1 = (pos0 + n - 1) / cols;
+    const Py_ssize_t l0 = by_cols ? 0 : y0, l1 = by_cols ? n_lines - 1 : y1; /* the lines this chunk touches */
+    if (!(tbv = malloc(sizeof *tbv * (size_t)(l1 - l0 + 1))) || !(bv = malloc(sizeof *bv * (size_t)(l1 - l0 + 1)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = l0; j <= l1; j++) {
+        if (c8[j] >= K) { err = "a line class is >= the piece's class count"; goto done; }
+        tbv[j - l0] = (const uint32_t *)tables.buf + (Py_ssize_t)c8[j] * RANS_M;
+        bv[j - l0] = b8[2 * j] | (uint32_t)b8[2 * j + 1] << 8;
+    }
+    if (stream.len < 4 * RANS_STATES || stream.len % 2) {
+        err = "a rANS chunk is shorter than its states or odd";
+        goto done;
+    }
+    Rans d = {(const uint8_t *)stream.buf + 4 * RANS_STATES, (const uint8_t *)stream.buf + stream.len,
+              (const uint8_t *)raw.buf + bit0 / 8, (const uint8_t *)raw.buf + raw.len, 0, 0, width, ws,
+              (1u << width) - 1, (uint32_t)((1ull << (8 * ws - width)) - 1), (const uint8_t *)escapes.buf, 0,
+              escapes.len / 2, 0};
+    uint32_t x[RANS_STATES];
+    for (int i = 0; i < RANS_STATES; i++) {
+        const uint8_t *q = (const uint8_t *)stream.buf + 4 * i;
+        x[i] = q[0] | q[1] << 8 | q[2] << 16 | (uint32_t)q[3] << 24;
+    }
+    uint16_t *o2 = (uint16_t *)out.buf + word0 + pos0;
+    uint32_t *o4 = (uint32_t *)out.buf + word0 + pos0;
+    Py_BEGIN_ALLOW_THREADS
+    if (width && (bit0 & 7)) { raw_refill(&d); d.bb >>= bit0 & 7; d.nb -= (int)(bit0 & 7); }
+    if (ws == 2 && !by_cols) rans_chunk(&d, x, tbv, bv, o2, o4, n, cols, y0, pos0, l0, 2, 0);
+    else if (ws == 2) rans_chunk(&d, x, tbv, bv, o2, o4, n, cols, y0, pos0, l0, 2, 1);
+    else if (!by_cols) rans_chunk(&d, x, tbv, bv, o2, o4, n, cols, y0, pos0, l0, 4, 0);
+    else rans_chunk(&d, x, tbv, bv, o2, o4, n, cols, y0, pos0, l0, 4, 1);
+    if (!d.bad && d.p != d.end) d.bad = 4;
+    for (int i = 0; i < RANS_STATES && !d.bad; i++)
+        if (x[i] != RANS_L) d.bad = 4;
+    Py_END_ALLOW_THREADS
+    if (d.bad == 1) err = "a rANS chunk ends early";
+    else if (d.bad == 2) err = "the escape stream is too short";
+    else if (d.bad == 3) err = "an escaped top value does not fit the word";
+    else if (d.bad == 4) err = "a rANS chunk does not end in its final states (corrupt data)";
+    else if (d.ei != d.n_esc) err = "a chunk used fewer escapes than it declares";
+done:
+    free(tbv);
+    free(bv);
+    PyBuffer_Release(&out); PyBuffer_Release(&cls); PyBuffer_Release(&bases); PyBuffer_Release(&tables);
+    PyBuffer_Release(&stream); PyBuffer_Release(&escapes); PyBuffer_Release(&raw);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* triangle(out, offset, ld, k, lower, tri)
  *
  * Fills the k x k block of words at word `offset` of `out` (rows `ld` words apart; the word size is tri's item
@@ -410,6 +758,10 @@ static PyObject *crc32(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, "A piece's symbol streams + bases + escapes + the low byte planes -> its words."},
+    {"rans_table", rans_table, METH_VARARGS, "Method-2 decode tables from frequency tables."},
+    {"rans_encode", rans_encode, METH_VARARGS, "Method-2 rANS: symbols + their classes -> one chunk."},
+    {"rans_decode", rans_decode, METH_VARARGS, "Method-2 rANS: one chunk -> its words."},
+    {"pack_bits", pack_bits, METH_VARARGS, "The low bits of each word, bit-packed LSB first."},
     {"triangle", triangle, METH_VARARGS, "A packed triangle -> its k x k block of words, zeros included."},
     {"crc32", crc32, METH_VARARGS, "zlib.crc32(data, value), with carry-less multiplies where the CPU has them."},
     {NULL, NULL, 0, NULL},

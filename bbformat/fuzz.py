@@ -460,15 +460,16 @@ def base_files() -> dict[str, bytes]:
     out = {}
     aux = {"note": b"hello world " * 40, "bytes": bytes(range(256))}
     with tempfile.TemporaryDirectory() as d:
-        for name, fam, codec, dtype, params in (("raw-opt-f16", "opt", "raw", torch.float16, None),
-                                                ("exact-llama-bf16", "llama", "exact", torch.bfloat16, None),
-                                                ("bitsback-llama-f16", "llama", "bitsback", torch.float16,
-                                                 {"threshold": 0.0003}),
-                                                ("exact-opt-f32", "opt", "exact", torch.float32, None)):
+        for name, fam, codec, dtype, params, compression in (
+                ("raw-opt-f16", "opt", "raw", torch.float16, None, "auto"),
+                ("exact-llama-bf16", "llama", "exact", torch.bfloat16, None, "auto"),
+                ("bitsback-llama-f16", "llama", "bitsback", torch.float16, {"threshold": 0.0003}, "auto"),
+                ("exact-opt-f32", "opt", "exact", torch.float32, None, "auto"),
+                ("small-llama-bf16", "llama", "exact", torch.bfloat16, None, "small")):  # entropy method 2
             desc = tiny_desc(fam, num_layers=2, hidden_size=32, vocab_size=128, widths=(24, 16, 28))
             tensors = random_slicegpt(desc, seed=1, dtype=dtype)
             p = Path(d) / f"{name}.bbf"
-            save(tensors, str(p), model=desc, codec=codec, codec_params=params, aux=aux)
+            save(tensors, str(p), model=desc, codec=codec, codec_params=params, aux=aux, compression=compression)
             out[name] = p.read_bytes()
     return out
 

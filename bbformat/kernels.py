@@ -2,6 +2,8 @@
 
 - `decode`: the entropy stage's inner loop, a piece's symbol streams + the low planes -> words (numpy reference below).
 - `triangle`: an `exact` carrier's packed triangle -> its k x k block, zeros included.
+- `rans_table`, `rans_encode`, `rans_decode`, `pack_bits`: entropy method 2's static rANS (SPEC.md 13.8). Its
+  Python reference loops per word: correct, but only for small inputs (writers use method 2 only when compiled).
 - `crc32`: zlib.crc32, folded with carry-less multiplies where the CPU has them (~4x faster).
 
 The compiled module is used when it is importable, else the numpy/zlib versions (same results, slower). Both raise
@@ -95,6 +97,120 @@ def triangle_numpy(out, offset: int, ld: int, k: int, lower: bool, tri) -> None:
     block[np.tril_indices(k) if lower else np.triu_indices(k)] = t.view(wd)
 
 
+# Entropy method 2 (SPEC.md 13.8): static rANS, 4 interleaved 32-bit states, 12-bit frequencies, 16-bit words.
+RANS_L, RANS_BITS, RANS_SYMS, RANS_ESCAPE, RANS_STATES = 1 << 16, 12, 256, 255, 4
+RANS_M = 1 << RANS_BITS
+
+
+def _freq_tables(freqs) -> np.ndarray:
+    f = np.frombuffer(freqs, "<u2")
+    if f.size % RANS_SYMS or not 1 <= f.size // RANS_SYMS <= 16:
+        raise ValueError("rans_table: need 1 to 16 tables of 256 u16 frequencies")
+    f = f.reshape(-1, RANS_SYMS).astype(np.int64)
+    if (f.sum(1) != RANS_M).any():
+        raise ValueError("a frequency table does not sum to 4096")
+    return f
+
+
+def rans_table_numpy(freqs) -> bytes:
+    """K decode tables (K x 4096 u32: symbol | (freq - 1) << 8 | (slot - cum) << 20) from K x 256 u16 frequencies."""
+    f = _freq_tables(freqs)
+    out = np.empty((f.shape[0], RANS_M), np.uint32)
+    for c, fc in enumerate(f):
+        sym = np.repeat(np.arange(RANS_SYMS), fc)
+        start = np.concatenate([[0], np.cumsum(fc)[:-1]])
+        out[c] = sym | (fc[sym] - 1) << 8 | (np.arange(RANS_M) - start[sym]) << 20
+    return out.astype("<u4").tobytes()
+
+
+def rans_encode_py(syms, classes, freqs) -> bytes:
+    """Symbol t coded with table classes[t]; the reference for _kernels.rans_encode (slow: small inputs only)."""
+    s, c = np.frombuffer(syms, np.uint8), np.frombuffer(classes, np.uint8)
+    f = _freq_tables(freqs)
+    if c.size != s.size:
+        raise ValueError("rans_encode: inconsistent sizes")
+    if s.size and (c.max() >= f.shape[0] or (f[c, s] == 0).any()):
+        raise ValueError("a symbol has frequency 0 in its class")
+    cum = np.concatenate([np.zeros((f.shape[0], 1), np.int64), np.cumsum(f, 1)], 1)
+    x, words = [RANS_L] * RANS_STATES, []
+    for t in range(s.size - 1, -1, -1):
+        i, fs, cs = t % RANS_STATES, int(f[c[t], s[t]]), int(cum[c[t], s[t]])
+        if x[i] >= fs << 20:
+            words.append(x[i] & 0xFFFF)
+            x[i] >>= 16
+        x[i] = (x[i] // fs << RANS_BITS) + x[i] % fs + cs
+    head = np.array(x, "<u4").tobytes()
+    return head + np.array(words[::-1], "<u2").tobytes()
+
+
+def pack_bits_numpy(values, ws: int, width: int) -> bytes:
+    """The low `width` bits (0..24) of each ws-byte word, bit-packed LSB first."""
+    v = np.frombuffer(values, {2: "<u2", 4: "<u4"}[ws]).astype(np.uint32)
+    bits = ((v[:, None] >> np.arange(width, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+
+
+def rans_decode_py(out, ws, word0, cols, by_cols, pos0, n, classes, bases, tables, stream, escapes, raw, bit0,
+                   width) -> None:
+    """One chunk of a method-2 piece -> its words; see rans_decode in _kernels.c for the arguments."""
+    o = np.frombuffer(out, np.uint8) if not isinstance(out, np.ndarray) else out.reshape(-1).view(np.uint8)
+    cls, b = np.frombuffer(classes, np.uint8), np.frombuffer(bases, "<u2")
+    tab = np.frombuffer(tables, "<u4")
+    esc = np.frombuffer(escapes, "<u2") if memoryview(escapes).nbytes % 2 == 0 else None
+    rawb = np.frombuffer(raw, np.uint8)
+    words = o.size // ws if ws in (2, 4) else 0
+    k = tab.size // RANS_M
+    if ws not in (2, 4) or o.size % ws or not 0 <= width <= 24 or width >= 8 * ws or cols < 1 or min(word0, pos0) < 0 \
+            or n < 1 or word0 + pos0 + n > words or tab.size % RANS_M or not 1 <= k <= 16 or b.size != cls.size \
+            or esc is None or not 0 <= bit0 <= rawb.size * 8 or bit0 + n * width > rawb.size * 8 \
+            or (cls.size != cols if by_cols else (pos0 + n - 1) // cols >= cls.size):
+        raise ValueError("rans_decode: inconsistent sizes")
+    lines = np.arange(pos0, pos0 + n) % cols if by_cols else np.arange(pos0 // cols, (pos0 + n - 1) // cols + 1)
+    if (cls[lines] >= k).any():
+        raise ValueError("a line class is >= the piece's class count")
+    data = bytes(stream)
+    if len(data) < 4 * RANS_STATES or len(data) % 2:
+        raise ValueError("a rANS chunk is shorter than its states or odd")
+    x = list(np.frombuffer(data[:16], "<u4").astype(np.int64))
+    w16 = np.frombuffer(data[16:], "<u2").tolist()
+    tab, tmask = tab.tolist(), (1 << (8 * ws - width)) - 1
+    tops, p, e = np.empty(n, np.uint32), 0, 0
+    for t in range(n):
+        i = t % RANS_STATES
+        pos = pos0 + t
+        line = pos % cols if by_cols else pos // cols
+        ent = tab[int(cls[line]) * RANS_M + (x[i] & (RANS_M - 1))]
+        s = ent & 0xFF
+        v = ((ent >> 8 & (RANS_M - 1)) + 1) * (x[i] >> RANS_BITS) + (ent >> 20)
+        if v < RANS_L:
+            if p >= len(w16):
+                raise ValueError("a rANS chunk ends early")
+            v = v << 16 | w16[p]
+            p += 1
+        x[i] = v
+        if s == RANS_ESCAPE:
+            if e >= esc.size:
+                raise ValueError("the escape stream is too short")
+            top = int(esc[e])
+            e += 1
+            if top > tmask:
+                raise ValueError("an escaped top value does not fit the word")
+        else:
+            top = (int(b[line]) + s) & tmask
+        tops[t] = top
+    if p != len(w16) or any(v != RANS_L for v in x):
+        raise ValueError("a rANS chunk does not end in its final states (corrupt data)")
+    if e != esc.size:
+        raise ValueError("a chunk used fewer escapes than it declares")
+    bits = np.unpackbits(rawb, bitorder="little")[bit0:bit0 + n * width].reshape(n, width).astype(np.uint32)
+    low = (bits << np.arange(width, dtype=np.uint32)).sum(1, dtype=np.uint32) if width else np.zeros(n, np.uint32)
+    nbits = 8 * ws
+    wd = {2: np.uint16, 4: np.uint32}[ws]
+    w = (tops.astype(np.uint64) << np.uint64(width)) | low
+    w = ((w >> np.uint64(1)) | (w << np.uint64(nbits - 1))) & np.uint64((1 << nbits) - 1)
+    o.view(wd)[word0 + pos0:word0 + pos0 + n] = w.astype(wd)
+
+
 def crc32_zlib(data, value: int = 0) -> int:
     return zlib.crc32(data, value) & 0xFFFFFFFF
 
@@ -114,6 +230,14 @@ try:
                         escapes)
 
     crc32 = _kernels.crc32 if _kernels.CLMUL else crc32_zlib  # zlib's beats a byte table
+    rans_table, rans_encode, pack_bits = _kernels.rans_table, _kernels.rans_encode, _kernels.pack_bits
+
+    def rans_decode(out, ws, word0, cols, by_cols, pos0, n, classes, bases, tables, stream, escapes, raw, bit0,
+                    width) -> None:
+        _kernels.rans_decode(out, ws, word0, cols, bool(by_cols), pos0, n, classes, bases, tables, stream, escapes,
+                             raw, bit0, width)
 except ImportError:  # not built (no C compiler at install time): the reference is correct, only slower
     COMPILED = False
     decode, triangle, crc32 = decode_numpy, triangle_numpy, crc32_zlib
+    rans_table, rans_encode, pack_bits, rans_decode = rans_table_numpy, rans_encode_py, pack_bits_numpy, \
+        rans_decode_py

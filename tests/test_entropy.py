@@ -1,4 +1,6 @@
-"""The entropy stage: exact round trips, raw fallback, hostile input, and the per-column modelling gain."""
+"""The entropy stage's method 1 (method 2: test_entropy2.py): exact round trips, raw fallback, hostile input, and
+the per-column modelling gain. Every payload here is coded with method 1 (`compress(..., method=1)`), which stays
+readable in every file that has it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from bbformat.errors import BBFError, FormatError
 from bbformat.words import to_words
 
 DTYPES = ("float16", "bfloat16", "float32")
+
+
+def compress1(payload, word_size, segments, dtype, level=3):
+    return entropy.compress(payload, word_size, segments, dtype, level, method=entropy.METHOD_PLANES)
 
 
 def words_of(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -40,7 +46,7 @@ def word_size(dtype: str) -> int:
 
 
 def roundtrip(payload: bytes, ws: int, segments, dtype: str) -> tuple[int, bytes]:
-    method, stored = entropy.compress(payload, ws, segments, dtype)
+    method, stored = compress1(payload, ws, segments, dtype)
     out = entropy.decompress(method, stored, len(payload), ws, dtype)
     assert bytes(out) == payload
     return method, stored
@@ -74,7 +80,7 @@ def test_large_section_decodes_in_parallel_chunks(dtype):
 
 def test_empty_payload():
     for ws, dtype in ((1, "float16"), (2, "bfloat16"), (4, "float32")):
-        assert entropy.compress(b"", ws, (), dtype) == (entropy.METHOD_NONE, b"")
+        assert compress1(b"", ws, (), dtype) == (entropy.METHOD_NONE, b"")
         assert entropy.decompress(entropy.METHOD_NONE, b"", 0, ws, dtype) == b""
 
 
@@ -83,14 +89,14 @@ def test_word_size_one_is_plain_zstd():
     method, stored = roundtrip(text, 1, (), "float16")
     assert method == entropy.METHOD_PLANES and len(stored) < len(text) // 10
     noise = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
-    assert entropy.compress(noise, 1, (), "float16") == (entropy.METHOD_NONE, noise)
+    assert compress1(noise, 1, (), "float16") == (entropy.METHOD_NONE, noise)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_incompressible_words_are_stored_raw(dtype):
     np_word = np.uint32 if dtype == "float32" else np.uint16
     payload = np.random.default_rng(1).integers(0, np.iinfo(np_word).max, 20001, dtype=np_word).tobytes()
-    method, stored = entropy.compress(payload, word_size(dtype), (Segment(0, 101, 198),), dtype)
+    method, stored = compress1(payload, word_size(dtype), (Segment(0, 101, 198),), dtype)
     assert method == entropy.METHOD_NONE and stored == payload
     assert entropy.decompress(method, stored, len(payload), word_size(dtype), dtype) == payload
 
@@ -132,7 +138,7 @@ def test_pca_like_matrix_beats_order0_planes(dtype):
     baseline = simple_planes_size(words.ravel())
     assert len(stored) < 0.97 * baseline
     # and the segment matters: without it the per-column bases are not available
-    _, flat = entropy.compress(words.tobytes(), 2, (), dtype)
+    _, flat = compress1(words.tobytes(), 2, (), dtype)
     assert len(stored) < len(flat)
 
 
@@ -141,7 +147,7 @@ def test_pca_like_matrix_beats_order0_planes(dtype):
 
 def stored_section(dtype: str = "bfloat16") -> tuple[bytes, bytes]:
     payload, segs = section(dtype)
-    method, stored = entropy.compress(payload, word_size(dtype), segs, dtype)
+    method, stored = compress1(payload, word_size(dtype), segs, dtype)
     assert method == entropy.METHOD_PLANES
     return payload, stored
 
@@ -209,13 +215,13 @@ def test_huge_declared_sizes_are_refused_before_allocating():
 
 def test_bad_input_to_compress():
     with pytest.raises(BBFError, match="whole number"):
-        entropy.compress(b"\0" * 3, 2, (), "float16")
+        compress1(b"\0" * 3, 2, (), "float16")
     with pytest.raises(BBFError, match="does not fit dtype"):
-        entropy.compress(b"\0" * 8, 4, (), "bfloat16")
+        compress1(b"\0" * 8, 4, (), "bfloat16")
     with pytest.raises(BBFError, match="overlaps"):
-        entropy.compress(b"\0" * 200, 2, (Segment(0, 5, 10), Segment(40, 5, 10)), "float16")
+        compress1(b"\0" * 200, 2, (Segment(0, 5, 10), Segment(40, 5, 10)), "float16")
     with pytest.raises(BBFError, match="outside"):
-        entropy.compress(b"\0" * 200, 2, (Segment(90, 5, 10),), "float16")
+        compress1(b"\0" * 200, 2, (Segment(90, 5, 10),), "float16")
 
 
 def test_column_ranges_are_the_best_contiguous_split():
@@ -235,7 +241,7 @@ def test_column_ranges_are_the_best_contiguous_split():
 
 def test_other_layout_versions_are_refused():
     payload = np.arange(4096, dtype=np.uint16).tobytes()
-    method, stored = entropy.compress(payload, 2, (Segment(0, 64, 64),), "bfloat16")
+    method, stored = compress1(payload, 2, (Segment(0, 64, 64),), "bfloat16")
     assert method == entropy.METHOD_PLANES and stored[0] == entropy.VERSION == 3
     for old in (1, 2, 4):
         with pytest.raises(FormatError, match=f"version {old}"):

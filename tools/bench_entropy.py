@@ -1,6 +1,7 @@
 """Benchmark the entropy stage against its order-0 peers: bits per weight and decode throughput.
 
-    /work/venv/bin/python tools/bench_entropy.py [--gguf PATH] [--json out.json] [--quick]
+    .venv/bin/python tools/bench_entropy.py [--gguf PATH] [--json out.json] [--quick]
+    .venv/bin/python tools/bench_entropy.py --checkpoint [--dtype bfloat16 float16] [--codec raw exact]
 
 Data: Gaussian words (plain, and PCA-like with per-column decaying scales) and real SmolLM2-135M weights with
 SliceGPT emulated (the embedding times the PCA rotation of its own covariance, first 432 of 576 columns; layer
@@ -8,6 +9,12 @@ matrices times random orthogonal matrices), each in float16 and bfloat16. Column
 words, ZipNN (if installed; benchmarking only), zstd-3 on the raw bytes, simple planes (rotated words, top byte
 zstd-3, the rest stored: the textbook baseline), and bbformat's entropy stage. Decode throughput is output bytes
 per second, best of several runs, with os.cpu_count() threads for both ZipNN and bbformat.
+
+--checkpoint: SliceGPT's own SmolLM2-135M 25 % checkpoint (PCA orientation; tools/common.py), saved with each
+codec: the file as % of safetensors of the same tensors with the default entropy stage (methods 2/1/0) and with
+method 1 only (the stage before method 2), encode seconds of both, and whole-file decode (`bbformat.loads`)
+against ZipNN's decompress of the safetensors bytes, interleaved, best of --repeat; then per section kind, the
+entropy stage alone: method 1 vs method 2 in bits per word and encode/decode MB/s (one thread).
 """
 
 from __future__ import annotations
@@ -148,14 +155,160 @@ def markdown(rows) -> str:
         f"of process CPU time (all threads), best of runs, {os.cpu_count()} threads)"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# --checkpoint: the real SliceGPT checkpoint, whole files and per section kind
+
+
+def _method1_only(fn):
+    """entropy.compress restricted to method 1 (and 0): the stage as it was before method 2."""
+    def compress(payload, word_size, segments, dtype, level=3, method=None):
+        return fn(payload, word_size, segments, dtype, level, method=entropy.METHOD_PLANES)
+    return compress
+
+
+def _save(tensors, desc, path, codec, dtype, method1: bool, record=None):
+    import bbformat
+    from bbformat.container import writer
+
+    orig_compress, orig_write = entropy.compress, writer.BBFWriter._write_section
+    if method1:
+        entropy.compress = _method1_only(orig_compress)
+    if record is not None:
+        def write_section(self, sd, *a, **k):
+            if sd.payload and sd.word_size > 1:
+                record.append((sd.kind, bytes(sd.payload), sd.word_size, tuple(sd.segments)))
+            return orig_write(self, sd, *a, **k)
+        writer.BBFWriter._write_section = write_section
+    try:
+        t = time.perf_counter()
+        bbformat.save(tensors, str(path), model=desc, codec=codec, dtype=dtype)
+        return time.perf_counter() - t
+    finally:
+        entropy.compress, writer.BBFWriter._write_section = orig_compress, orig_write
+
+
+def _interleaved(fns: dict, repeat: int) -> dict:
+    best = {k: float("inf") for k in fns}
+    for r in range(repeat + 1):  # round 0 warms up; odd rounds run in reverse order
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t = time.perf_counter()
+            fns[k]()
+            if r:
+                best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def checkpoint(dtypes, codecs, repeat: int) -> list[dict]:
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save as st_save
+
+    import bbformat
+    sys.path.insert(0, os.path.dirname(__file__))
+    from common import sliced_smollm2
+
+    desc, tensors32, _ = sliced_smollm2(0.25, log=lambda m: print(m, file=sys.stderr), canonical=False)
+    rows = []
+    for dtype in dtypes:
+        td = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        tensors = {k: v.to(td).contiguous() for k, v in tensors32.items()}
+        base = st_save(tensors)
+        n_words = sum(t.numel() for t in tensors.values())
+        z = zipnn_codec(dtype)
+        zc = z.compress(bytearray(base)) if z is not None else None
+        for codec in codecs:
+            with tempfile.TemporaryDirectory() as tmp:
+                record: list = []
+                f2, f1 = Path(tmp) / "m2.bbf", Path(tmp) / "m1.bbf"
+                enc2 = _save(tensors, desc, f2, codec, dtype, False, record)
+                enc1 = _save(tensors, desc, f1, codec, dtype, True)
+                d2, d1 = f2.read_bytes(), f1.read_bytes()
+            fns = {"bbf": lambda: bbformat.loads(d2), "bbf_m1": lambda: bbformat.loads(d1)}
+            if zc is not None:
+                fns["zipnn"] = lambda: z.decompress(zc)
+            best = _interleaved(fns, repeat)
+            gbs = {k: 2 * n_words / v / 1e9 for k, v in best.items()}
+            row = {"data": "SmolLM2-135M SliceGPT 25% (PCA)", "dtype": dtype, "codec": codec,
+                   "percent": 100 * len(d2) / len(base), "percent_method1": 100 * len(d1) / len(base),
+                   "zipnn_percent": 100 * len(zc) / len(base) if zc is not None else None,
+                   "encode_s": enc2, "encode_s_method1": enc1, "decode_gbs": gbs["bbf"],
+                   "decode_gbs_method1": gbs["bbf_m1"], "zipnn_decode_gbs": gbs.get("zipnn"),
+                   "kinds": _per_kind(record, dtype)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            del d1, d2, record
+    return rows
+
+
+def _per_kind(record, dtype) -> dict:
+    """Per section kind: bits per word and one-thread encode/decode MB/s of methods 1 and 2."""
+    out: dict = {}
+    for kind, payload, ws, segs in record:
+        k = out.setdefault(kind, {"words": 0, "bits1": 0, "bits2": 0, "enc1": 0.0, "enc2": 0.0, "dec1": 0.0,
+                                  "dec2": 0.0, "bytes": 0})
+        res = {}
+        for m in (entropy.METHOD_PLANES, entropy.METHOD_WORDS):
+            t = time.perf_counter()
+            method, stored = entropy.compress(payload, ws, segs, dtype, method=m)
+            enc = time.perf_counter() - t
+            t = time.perf_counter()
+            assert bytes(entropy.decompress(method, stored, len(payload), ws, dtype, threads=False)) == payload
+            res[m] = (len(stored), enc, time.perf_counter() - t)
+        k["words"] += len(payload) // ws
+        k["bytes"] += len(payload)
+        for m, tag in ((entropy.METHOD_PLANES, "1"), (entropy.METHOD_WORDS, "2")):
+            k["bits" + tag] += 8 * res[m][0]
+            k["enc" + tag] += res[m][1]
+            k["dec" + tag] += res[m][2]
+    return out
+
+
+def checkpoint_markdown(rows) -> str:
+    lines = ["| dtype | codec | file % (methods 2/1/0) | file % (method 1 only) | ZipNN % | encode s | encode s "
+             "(method 1) | decode GB/s | decode GB/s (method 1) | ZipNN decode GB/s | decode vs ZipNN |",
+             "|" + "---|" * 11]
+    for r in rows:
+        zp, zd = r["zipnn_percent"], r["zipnn_decode_gbs"]
+        lines.append(f"| {r['dtype']} | {r['codec']} | **{r['percent']:.2f}** | {r['percent_method1']:.2f} | "
+                     f"{zp if zp is None else f'{zp:.2f}'} | {r['encode_s']:.1f} | {r['encode_s_method1']:.1f} | "
+                     f"{r['decode_gbs']:.2f} | {r['decode_gbs_method1']:.2f} | "
+                     f"{zd if zd is None else f'{zd:.2f}'} | {r['decode_gbs'] / zd if zd else float('nan'):.2f}x |")
+    lines += ["", "| dtype | codec | section kind | Mwords | method 1 bits/word | method 2 bits/word | "
+              "enc MB/s m1 | enc MB/s m2 | dec MB/s m1 | dec MB/s m2 |", "|" + "---|" * 10]
+    for r in rows:
+        tot = {"words": 0, "bits1": 0, "bits2": 0, "enc1": 0, "enc2": 0, "dec1": 0, "dec2": 0, "bytes": 0}
+        for kind, k in list(r["kinds"].items()) + [("**total**", tot)]:
+            if kind != "**total**":
+                for f in tot:
+                    tot[f] += k[f]
+            mb = k["bytes"] / 1e6
+            lines.append(f"| {r['dtype']} | {r['codec']} | {kind} | {k['words'] / 1e6:.2f} | "
+                         f"{k['bits1'] / k['words']:.3f} | {k['bits2'] / k['words']:.3f} | {mb / k['enc1']:.0f} | "
+                         f"{mb / k['enc2']:.0f} | {mb / k['dec1']:.0f} | {mb / k['dec2']:.0f} |")
+    return "\n".join(lines) + (f"\n\n(file % = of safetensors of the same tensors; decode = bbformat.loads of "
+                                f"the whole file vs ZipNN's decompress, {os.cpu_count()} threads each, output GB/s, "
+                                f"interleaved, best of runs; load average at the end: {os.getloadavg()[0]:.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", default=GGUF)
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     ap.add_argument("--quick", action="store_true", help="smaller matrices")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--checkpoint", action="store_true", help="the real SliceGPT 25%% checkpoint (see above)")
+    ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float16"], help="with --checkpoint")
+    ap.add_argument("--codec", nargs="+", default=["raw", "exact"], help="with --checkpoint")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.checkpoint:
+        rows = checkpoint(args.dtype, args.codec, min(args.repeat, 3))
+        print(checkpoint_markdown(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     for name, label, mats in datasets(args.gguf, args.quick):
         for dtype in ("float16", "bfloat16"):

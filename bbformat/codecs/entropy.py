@@ -1,7 +1,10 @@
 """The entropy stage: exponent-aware byte planes + zstd, below the symmetry codecs and above the container.
 
 Every section goes through `compress` on write and `decompress` on read. Method 0 stores the payload as it is;
-method 1 ("planes") is the format below (normative layout in SPEC.md, "Entropy stage").
+method 1 ("planes") is the format below (normative layout in SPEC.md, "Entropy stage"); method 2 ("words", one
+rANS symbol per word) is in entropy_words.py. A writer codes words with method 2 (with the compiled kernels: its
+Python reference is for tests), also tries method 1 where method 2's raw bits look compressible, and keeps the
+smallest of 2, 1 and 0.
 
 How method 1 models a section of float words:
 - Each word is rotated left by one bit, so the top byte is the exponent (bfloat16, float32) or the exponent and
@@ -40,6 +43,7 @@ from .base import Segment
 
 METHOD_NONE = 0
 METHOD_PLANES = 1
+METHOD_WORDS = 2  # rANS over one symbol per word: entropy_words.py
 
 VERSION = 3
 FLAG_NIBBLES = 1  # the exponent residuals are packed two per byte, with an escape stream
@@ -66,22 +70,38 @@ _WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 # Public interface
 
 
-def compress(payload: bytes, word_size: int, segments: Sequence[Segment], dtype: str, level: int = 3
-             ) -> tuple[int, bytes]:
-    """Entropy-code one section payload: (method, stored bytes). Stores raw (method 0) unless that is larger."""
+def compress(payload: bytes, word_size: int, segments: Sequence[Segment], dtype: str, level: int = 3,
+             method: int | None = None, small: bool = False) -> tuple[int, bytes]:
+    """Entropy-code one section payload: (method, stored bytes), the smallest of method 0 and method 1, and with
+    `small` also of method 2 (0.3-0.7 % of a model smaller, but decoding ~4x slower: an archive's choice, not the
+    default). `method`: only that one, or method 0 where it is smaller (for tests and benchmarks)."""
     _check_kind(word_size, dtype, BBFError)
     raw_len = len(payload)
     if raw_len % word_size:
         raise BBFError(f"payload of {raw_len} bytes is not a whole number of {word_size}-byte words")
     if raw_len == 0:
         return METHOD_NONE, b""
+    if method not in (None, METHOD_PLANES, METHOD_WORDS) or (method == METHOD_WORDS and word_size == 1):
+        raise BBFError(f"compress: method {method} cannot code a payload of word size {word_size}")
     if word_size == 1:
         stored = _encode_bytes(payload, level)
-    else:
-        stored = _encode_words(np.frombuffer(payload, _WORD[word_size]), segments, dtype, level)
-    if len(stored) >= raw_len:
-        return METHOD_NONE, bytes(payload)
-    return METHOD_PLANES, stored
+        return (METHOD_PLANES, stored) if len(stored) < raw_len else (METHOD_NONE, bytes(payload))
+    from . import entropy_words
+    words = np.frombuffer(payload, _WORD[word_size])
+    best = (METHOD_NONE, payload)
+    words_tried = method == METHOD_WORDS or (method is None and small and kernels.COMPILED)  # (Python: tests only)
+    if words_tried:
+        alt = entropy_words.encode(words, segments, dtype, level)
+        best = best if alt is None else min(best, (METHOD_WORDS, alt), key=_size)
+    # after method 2, method 1 can only win where the bits method 2 stores raw have structure: try it only then
+    if method == METHOD_PLANES or (method is None and (not words_tried or best[0] == METHOD_NONE
+                                                        or entropy_words.low_bits_structured(words, dtype))):
+        best = min(best, (METHOD_PLANES, _encode_words(words, segments, dtype, level)), key=_size)
+    return best if best[0] != METHOD_NONE else (METHOD_NONE, bytes(payload))
+
+
+def _size(coded: tuple[int, bytes]) -> tuple[int, int]:
+    return len(coded[1]), coded[0]  # ties go to the lower method: method 0 unless another is smaller
 
 
 def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: str,
@@ -98,14 +118,19 @@ def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: 
         if len(stored) != raw_len:
             raise FormatError(f"stored section is {len(stored)} bytes, expected {raw_len} (method none)")
         return bytes(stored)
-    if method != METHOD_PLANES:
-        raise FormatError(f"unknown entropy method {method} (this reader knows 0 and 1)")
+    if method not in (METHOD_PLANES, METHOD_WORDS):
+        raise FormatError(f"unknown entropy method {method} (this reader knows 0, 1 and 2)")
     if raw_len == 0:
         raise FormatError("an empty section must be stored with method 0")
     if word_size == 1:
+        if method == METHOD_WORDS:
+            raise FormatError("entropy method 2 codes words: a byte payload (word size 1) cannot use it")
         return _decode_bytes(memoryview(stored), raw_len, threads)
     if out is not None and (out.dtype != np.uint8 or out.size != raw_len or not out.flags.writeable):
         raise BBFError(f"decompress: `out` must be a writable uint8 array of {raw_len} bytes")
+    if method == METHOD_WORDS:
+        from . import entropy_words
+        return entropy_words.decode(memoryview(stored), raw_len // word_size, word_size, dtype, out, threads)
     return _decode_words(memoryview(stored), raw_len // word_size, word_size, dtype, out, threads)
 
 

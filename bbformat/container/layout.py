@@ -35,7 +35,7 @@ MAX_SECTION_RAW = 1 << 40
 SUFFIX_GUESS = 256 << 10  # a reader's first (and usually only) read before any section
 
 KINDS = ("initial", "block", "correction", "head", "aux")
-COMPRESSIONS = ("none", "zstd-planes")  # ids 0, 1 (the entropy stage may add ids; see SPEC)
+COMPRESSIONS = ("none", "zstd-planes", "words-rans")  # ids 0, 1, 2 (the entropy stage may add ids; see SPEC)
 
 
 def crc32(data: bytes | memoryview) -> int:

@@ -256,5 +256,5 @@ def _check_stored(rec: SectionRecord) -> None:
     if rec.compression == 0 and rec.stored_len != rec.raw_len:
         raise FormatError(f"{rec.label}: stored length {rec.stored_len} != raw length {rec.raw_len} with "
                           f"compression none")
-    if rec.compression == 1 and (rec.raw_len == 0 or rec.stored_len == 0):
+    if rec.compression != 0 and (rec.raw_len == 0 or rec.stored_len == 0):
         raise FormatError(f"{rec.label}: an empty payload must be stored with compression none")
