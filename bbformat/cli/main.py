@@ -46,22 +46,47 @@ def _tokenizer_aux(tokenizer) -> dict:
     return {TOKENIZER_AUX: (tokenizer_bytes(tokenizer), TOKENIZER_MEDIA_TYPE)}
 
 
+def _grid_decision(desc, tensors, dtype: str, codec: str, keep: bool, metadata: dict) -> str:
+    """The dtype to store (SPEC 12.5): a narrower one when it holds every weight exactly, unless `keep`. Says so
+    on stderr, even with -q (the file's dtype is not the one asked for), and in the header's metadata."""
+    from ..grid import MANTISSA_BITS, survey
+
+    groups = (tensors.read([t.name for t in desc.group_tensors(g)]).values() for g in desc.groups())
+    narrow, bits = survey((x for group in groups for x in group), dtype)  # one more read, group by group
+    if narrow is not None and not keep:
+        print(f"note: every weight is a {narrow} value: storing {narrow} words, not {dtype} (the same values "
+              f"without {MANTISSA_BITS[dtype] - MANTISSA_BITS[narrow]} empty mantissa bits; --keep-dtype stores "
+              f"{dtype})", file=sys.stderr)
+        metadata["requested_dtype"] = dtype
+        return narrow
+    if 0 < bits < MANTISSA_BITS[dtype]:
+        what = {"exact": "exact rounds its canonical form to that grid, so the zeros stay",
+                "raw": "raw stores them as they are",
+                "bitsback": "warning: bitsback's rotations fill them with rounding noise, so this file may be larger "
+                            "than --codec raw's"}[codec]
+        print(f"note: the low {bits} mantissa bits of every {dtype} word are zero; {what}", file=sys.stderr)
+    return dtype
+
+
 def cmd_encode(args) -> int:
     from ..container.writer import save
     from ..models.slicegpt_dir import load_tokenizer
-    from ..models.slicegpt_io import load_slicegpt
+    from ..models.slicegpt_io import open_slicegpt
     from ..words import dtype_name
 
     codec, params = _codec(args)
     ck = _checkpoint(args)
     tok_src = args.tokenizer or ck.tokenizer
     tokenizer = load_tokenizer(tok_src) if tok_src is not None and not args.no_tokenizer else None
-    desc, tensors = load_slicegpt(ck.path, ck.json_path, ck.config)
-    dtype = args.dtype or dtype_name(next(iter(tensors.values())).dtype)
+    desc, tensors = open_slicegpt(ck.path, ck.json_path, ck.config)  # read group by group while encoding
+    dtype = args.dtype or dtype_name(next(iter(tensors.meta().values())).dtype)
+    metadata = {"source": ck.path.name}
+    dtype = _grid_decision(desc, tensors, dtype, codec, args.keep_dtype, metadata)
     t0 = time.perf_counter()
     save(tensors, args.output, model=desc, codec=codec, codec_params=params, dtype=dtype,
-         metadata={"source": ck.path.name}, aux=_tokenizer_aux(tokenizer) if tokenizer is not None else None,
-         storage_options=storage_options(args), progress=not args.quiet)
+         metadata=metadata, aux=_tokenizer_aux(tokenizer) if tokenizer is not None else None,
+         storage_options=storage_options(args), progress=not args.quiet, workers=args.workers,
+             compression=args.compression)
     if not args.quiet:
         tok = f"tokenizer from {tok_src}" if tokenizer is not None else "no tokenizer (none beside the input; " \
             "--tokenizer DIR_OR_GGUF adds one)"
@@ -81,6 +106,11 @@ def cmd_decode(args) -> int:
     with BBFReader(args.input, storage_options(args), fetch=fetch_options(args)) as f:
         tensors = f.load_all()
         desc, dtype = f.model, f.dtype
+        wanted = (f.header.get("metadata") or {}).get("requested_dtype")
+        if wanted in WORD_DTYPE_NAMES and wanted != dtype:  # bbf encode narrowed it (SPEC 12.5): the same values
+            from ..words import torch_dtype
+
+            tensors, dtype = {k: v.to(torch_dtype(wanted)) for k, v in tensors.items()}, wanted
         tokenizer = None
         if TOKENIZER_AUX in f.aux_names():
             from ..models.hf import tokenizer_from_bytes
@@ -191,7 +221,8 @@ def cmd_slice(args) -> int:
                 f"{Path(args.calib).name} tokens {start}..{start + n}"}
         save(tensors, args.output, model=desc, codec=codec, codec_params=params, dtype=dtype, metadata=meta,
              aux={TOKENIZER_AUX: (tokenizer_bytes(tokenizer), TOKENIZER_MEDIA_TYPE)},
-             storage_options=storage_options(args), progress=not args.quiet)
+             storage_options=storage_options(args), progress=not args.quiet, workers=args.workers,
+             compression=args.compression)
     if not args.quiet:
         print(f"wrote {args.output}: {desc.num_params():,} parameters after slicing at {args.sparsity:.0%}")
     return 0
@@ -299,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--dtype", choices=WORD_DTYPE_NAMES, default=dtype_default,
                        help="word dtype stored in the file (default " +
                             (dtype_default or "the checkpoint's dtype") + ")")
+        q.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="processes for the entropy stage, which then overlaps the next groups' rotations "
+                            "(default 1: all in this process; the file is the same for any N)")
+        q.add_argument("--compression", choices=("auto", "small", "none"), default="auto",
+                       help="entropy stage: auto (method 1, fast to decode), small (also tries method 2: ~0.5 %% of "
+                            "the model smaller, ~4x slower to decode; for archives), none (default auto)")
 
     def source_args(q):
         q.add_argument("--slicing-json", default=None,
@@ -310,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     def quiet(q, what="the progress bars and the summary line"):
         q.add_argument("-q", "--quiet", action="store_true", help=f"suppress {what} (default: shown)")
 
-    checkpoint_help = ("SliceGPT checkpoint: <name>_<sparsity>.pt or .safetensors with its .json, or the directory "
-                       "SliceGPT saved it in (with its config.json and tokenizer files)")
+    checkpoint_help = ("SliceGPT checkpoint: <name>_<sparsity>.pt or .safetensors (or a sharded "
+                       "<name>.safetensors.index.json) with its <name>.json, or the directory SliceGPT saved it in "
+                       "(with its config.json and tokenizer files); read one group at a time")
     q = sub.add_parser("encode", help="SliceGPT checkpoint (.pt or .safetensors + .json, or its directory) -> .bbf")
     q.add_argument("input", help=checkpoint_help)
     q.add_argument("-o", "--output", required=True, help="the .bbf to write, a path or URL (required)")
@@ -321,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store this tokenizer in the file: a directory with tokenizer files or a .gguf (default: "
                         "the tokenizer files beside the checkpoint, if any)")
     q.add_argument("--no-tokenizer", action="store_true", help="store no tokenizer (default: store one if found)")
+    q.add_argument("--keep-dtype", action="store_true",
+                   help="store --dtype words even when every weight fits a narrower dtype exactly, e.g. float16 "
+                        "values in float32 words (default: store the narrower dtype, and say so)")
     quiet(q)
     add_storage_args(q, reads=False)
     q.set_defaults(fn=cmd_encode)

@@ -13,12 +13,16 @@ Carrier blocks (normative text: SPEC.md section 12, "Codec exact"):
 Stored form of a carrier: the triangle's non-zero part row by row (row r: L[r, :r+1] or T[r, r:]), then the rest
 of the tensor row-major (W[:s] and W[s+k:] for axis 1, W[:, k:] for axis 0). Every other tensor is stored row-major.
 
-Everything is rotated in float64 and rounded to the word dtype once per group; the structural zeros are set to
-+0.0 before rounding, so they are exactly the zero word.
+Everything is rotated in float64 and rounded to the word dtype once, after every rotation that reaches it; the
+structural zeros are +0.0, so they are exactly the zero word. The encoder converts to float64 only the carriers'
+blocks up front and every other tensor one slab at a time, rounding each slab at once (canonical.GroupRotations):
+its memory is the group's input and words plus a few 64 MB slabs, not the group in float64. Input words whose low
+mantissa bits are all zero (float16 values in float32 words) keep them: the rounding is to that grid (SPEC 12.5).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,11 +30,12 @@ import torch
 
 from .. import kernels
 from ..errors import BBFError, FormatError, ModelError
+from ..grid import MANTISSA_BITS, round_to_grid, zero_mantissa_bits
 from ..models.arch import ModelDesc, Symmetry
 from ..words import to_words, torch_dtype, word_bits, word_np_dtype
 from .base import (Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, Segment, new_bytes,
                    register_codec)
-from .canonical import StreamingRotator
+from .canonical import GroupRotations, StreamingRotator
 
 # Carrier candidates per kind of symmetry, by role, best first; the first eligible one (see `carriers`) is the
 # carrier. Shortcuts first: their rows have norm <= 1 (slices of products of orthonormal bases), so the triangle
@@ -113,10 +118,37 @@ def carriers(desc: ModelDesc) -> dict[str, Carrier]:
 
 def triangular_rotation(carrier: Carrier, w: torch.Tensor) -> torch.Tensor:
     """The orthogonal R (float64) that makes the carrier's block triangular with a non-negative diagonal."""
-    a = carrier.block(w) if carrier.axis == 0 else carrier.block(w).T
-    q, t = torch.linalg.qr(a.to(torch.float64))
+    return block_rotation(carrier, carrier.block(w))
+
+
+def block_rotation(carrier: Carrier, block: torch.Tensor) -> torch.Tensor:
+    """`triangular_rotation` from the carrier's k x k block alone."""
+    a = block if carrier.axis == 0 else block.T
+    with _one_thread():
+        q, t = torch.linalg.qr(a.to(torch.float64))
     sign = torch.where(torch.diagonal(t) < 0, -1.0, 1.0).to(torch.float64)
     return q * sign
+
+
+def _input_grid(dtype: str, inputs: list[torch.Tensor]) -> int:
+    """Low mantissa bits zero in every input word of a group (SPEC 12.5): the canonical words are rounded to the
+    same grid, else the rotations fill those bits with noise the entropy stage cannot compress. 0 when no word
+    has a mantissa bit set (a group of zeros and powers of two says nothing about a grid)."""
+    bits = min((zero_mantissa_bits(to_words(x, dtype), dtype) for x in inputs), default=0)
+    return 0 if bits >= MANTISSA_BITS[dtype] else bits
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Householder QR on one thread: its panel steps synchronise the threads thousands of times, so on busy cores
+    two threads are 4-5x SLOWER than one (k = 3072: 21-26 s against 4.5-5 s, load 6 on 2 cores); one thread
+    also makes the factorisation independent of the thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _zero_structural(carrier: Carrier, w: torch.Tensor) -> None:
@@ -125,10 +157,48 @@ def _zero_structural(carrier: Carrier, w: torch.Tensor) -> None:
     b.copy_(torch.tril(b) if carrier.axis == 1 else torch.triu(b))
 
 
-def _carrier_parts(carrier: Carrier, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A carrier's words -> (stored triangle, rest), both 1-D, in storage order."""
-    rest = [r.reshape(-1) for r in carrier.rest(words)]
-    return carrier.block(words)[carrier.triangle_index()], np.concatenate(rest) if len(rest) > 1 else rest[0]
+def _zero_structural_words(carrier: Carrier, w: np.ndarray) -> None:
+    """`_zero_structural` on words: +0.0 is the zero word in every dtype (row by row: no k^2 index arrays)."""
+    b = carrier.block(w)
+    for r in range(carrier.k):
+        if carrier.axis == 1:
+            b[r, r + 1:] = 0
+        else:
+            b[r, :r] = 0
+
+
+def _put_carrier(carrier: Carrier, words: np.ndarray, out: np.ndarray) -> None:
+    """A carrier's stored form (packed triangle, then the rest, SPEC 12.3) into `out` (1-D, its exact size)."""
+    b, pos = carrier.block(words), 0
+    for r in range(carrier.k):
+        row = b[r, :r + 1] if carrier.axis == 1 else b[r, r:]
+        out[pos:pos + row.size] = row
+        pos += row.size
+    for part in carrier.rest(words):
+        out[pos:pos + part.size].reshape(part.shape)[...] = part
+        pos += part.size
+    assert pos == out.size
+
+
+_EXP_MASK = {np.dtype("float16"): 0x7C00, np.dtype("float32"): 0x7F800000, np.dtype("float64"): 0x7FF << 52}
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No inf/nan: an exponent-field test on the bits (one cheap pass; torch.isfinite on half is 10x slower)."""
+    if x.dtype == torch.bfloat16:
+        bits, mask = x.detach().contiguous().view(torch.int16).numpy().view(np.uint16), 0x7F80
+    elif x.dtype in (torch.float16, torch.float32, torch.float64):
+        a = x.detach().contiguous().numpy()
+        bits, mask = a.view(_UINT[a.itemsize]), _EXP_MASK[a.dtype]
+    else:
+        return bool(torch.isfinite(x).all())
+    return not np.any((bits & bits.dtype.type(mask)) == mask)
+
+
+def _finite_words(words: np.ndarray, dtype: str) -> bool:
+    mask = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000}[dtype]
+    return not np.any((words & words.dtype.type(mask)) == mask)
 
 
 def _fill_block(carrier: Carrier, w: np.ndarray, tri: np.ndarray) -> None:
@@ -191,9 +261,13 @@ class _ExactEncoder(GroupEncoder):
         self.rotator = StreamingRotator(desc, self._choose)
         self.saved = 0  # words not stored, over the groups encoded so far
 
-    def _choose(self, sym: Symmetry, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _choose(self, sym: Symmetry, plan: GroupRotations) -> torch.Tensor | None:
         c = self.carriers.get(sym.name)
-        return None if c is None else triangular_rotation(c, tensors[c.tensor])
+        if c is None:
+            return None
+        if c.axis == 1 and not plan.ops[c.tensor]:  # unrotated so far (the embeddings): read its block only
+            return block_rotation(c, plan.inputs[c.tensor][c.start:c.start + c.k].to(torch.float64))
+        return triangular_rotation(c, plan[c.tensor])
 
     def encode(self, group: str, tensors: dict[str, torch.Tensor]) -> EncodedGroup:
         layout = _Layout(self.desc, group, self.by_tensor)
@@ -203,27 +277,39 @@ class _ExactEncoder(GroupEncoder):
                 raise ModelError(f"group {group}: tensor {t.name!r} is missing")
             if tuple(x.shape) != t.shape:
                 raise ModelError(f"tensor {t.name!r} has shape {tuple(x.shape)}, expected {t.shape}")
-            if not torch.isfinite(x).all():
+            if not _all_finite(x):
                 raise ModelError(f"tensor {t.name!r} has inf/nan weights; codec 'exact' needs finite ones (use raw)")
-        canon = self.rotator.process(group, {t.name: tensors[t.name] for t in layout.tensors})
-        for name, c in layout.carriers.items():
-            _zero_structural(c, canon[name])
-        words, parts = {}, []
+        grid = _input_grid(self.dtype, [tensors[t.name] for t in layout.tensors])
+        plan = self.rotator.plan(group, {t.name: tensors[t.name] for t in layout.tensors})
+        wd = word_np_dtype(self.dtype)
+        payload = np.empty(layout.payload_words, wd)
+        words, off = {}, 0
         for t in layout.tensors:
-            rounded = canon[t.name].to(torch_dtype(self.dtype))  # the one rounding of this group
-            if not torch.isfinite(rounded).all():
-                raise BBFError(f"tensor {t.name!r} overflows {self.dtype} after canonical rotation; "
-                               f"use a wider dtype or codec raw")
-            w = words[t.name] = to_words(rounded, self.dtype)
             c = layout.carriers.get(t.name)
-            parts += _carrier_parts(c, w) if c is not None else [w.reshape(-1)]
-        payload = np.concatenate(parts) if parts else np.zeros(0, word_np_dtype(self.dtype))
-        assert payload.size == layout.payload_words
+            stored = t.numel - (c.zeros if c is not None else 0)
+            # a plain tensor's words are its part of the payload; a carrier's are rearranged into it afterwards
+            w = np.empty(t.shape, wd) if c is not None else payload[off:off + stored].reshape(t.shape)
+            for idx, axis, slab in plan.chunks(t.name):
+                rounded = to_words(slab, self.dtype)  # the one rounding of these weights
+                if not _finite_words(rounded, self.dtype):
+                    raise BBFError(f"tensor {t.name!r} overflows {self.dtype} after canonical rotation; "
+                                   f"use a wider dtype or codec raw")
+                (w[idx] if axis == 0 else w[:, idx])[...] = round_to_grid(rounded, self.dtype, grid)
+                del slab, rounded
+            if c is not None:
+                _zero_structural_words(c, w)
+                _put_carrier(c, w, payload[off:off + stored])
+            words[t.name] = w
+            off += stored
+        assert off == layout.payload_words
         self.saved += layout.saved
         kinds = self.codec.sections_for(group)
-        sections = [SectionData(kinds[0], payload.tobytes(), payload.dtype.itemsize, layout.segments())]
+        # the payload's own memory as bytes (no copy: at 70B the embeddings' payload alone is 1.6 GB)
+        sections = [SectionData(kinds[0], payload.view(np.uint8).data, payload.dtype.itemsize, layout.segments())]
         sections += [SectionData(k, b"", 1) for k in kinds[1:]]  # empty correction section: nothing to correct
         stats = {"saved_words": layout.saved, "carriers": {c.symmetry: c.tensor for c in layout.carriers.values()}}
+        if grid:
+            stats["grid_zero_bits"] = grid
         return EncodedGroup(sections, words, stats)
 
     def finish(self) -> dict:

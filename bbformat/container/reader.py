@@ -199,6 +199,7 @@ class BBFReader:
                                          threads)
             except FormatError as e:
                 raise FormatError(f"{rec.label}: {e}") from None
+            self.store.done_with(rec.offset, rec.offset + rec.stored_len)  # decoded: nothing refers to `stored`
         if len(raw) != rec.raw_len:
             raise FormatError(f"{rec.label}: decompressed to {len(raw)} bytes, index says {rec.raw_len}")
         return raw

@@ -5,17 +5,24 @@
             w.write_group(group, tensors_of(group))
 
 Memory is bounded by one group: each group is encoded, passed through the entropy stage, checksummed and written
-before the next one is accepted. The header, index and footer go at the end; the file appears under its name only
-when `close()` succeeds. Until then the bytes are in a hidden temporary next to the target,
-`.NAME.tmp-XXXXXXXXXXXX` (AtomicSink, io/store.py): any failure (a full disk, a directory in the way, an exception
-in the caller's `with` block) removes it and leaves an existing target untouched; a killed writer's temporary is
-removed by the next write to the same target.
+before the next one is accepted. With `workers=N > 1` the entropy stage runs in N worker processes while the
+caller's process rotates the next groups (the codec's chain stays in order); at most N groups are in flight and
+sections are written in group order, so the file is byte-identical to a 1-worker one. The workers are spawned
+(not forked), so a script that passes workers > 1 needs the usual `if __name__ == "__main__":` guard.
+
+The header, index and footer go at the end; the file appears under its name only when `close()` succeeds. Until
+then the bytes are in a hidden temporary next to the target, `.NAME.tmp-XXXXXXXXXXXX` (AtomicSink, io/store.py):
+any failure (a full disk, a directory in the way, an exception in the caller's `with` block) removes it and leaves
+an existing target untouched; a killed writer's temporary is removed by the next write to the same target.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import replace
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..codecs import entropy, get_codec
@@ -27,13 +34,15 @@ from .header import build_header
 from .layout import Footer, SectionRecord, align, crc32, pack_preamble
 from ..io.store import AtomicSink
 
-COMPRESSION = ("auto", "none")
+COMPRESSION = ("auto", "small", "none")  # auto: entropy methods 1/0; small: also method 2 (smaller, ~4x slower
+#                                          to decode: SPEC 13.10); none: sections stored as they are
 
 
 class BBFWriter:
     def __init__(self, url: str, desc: ModelDesc, *, codec: str | Codec = "raw", codec_params: dict | None = None,
                  dtype: str = "float16", compression: str = "auto", metadata: dict | None = None,
-                 storage_options: dict | None = None, on_group: Callable[[str, EncodedGroup], None] | None = None):
+                 storage_options: dict | None = None, on_group: Callable[[str, EncodedGroup], None] | None = None,
+                 workers: int = 1):
         self.desc, self.dtype = desc, check_dtype(dtype)
         self.codec = codec if isinstance(codec, Codec) else get_codec(codec, codec_params)
         if compression not in COMPRESSION:
@@ -46,6 +55,11 @@ class BBFWriter:
         self._aux: list[dict[str, Any]] = []
         self._pending_aux: list[bytes] = []
         self._stats: dict[str, Any] = {"groups": {}}
+        if not isinstance(workers, int) or workers < 1:
+            raise BBFError(f"workers must be a positive integer, got {workers!r}")
+        self._pool = _entropy_pool(workers) if workers > 1 and compression != "none" else None
+        self._workers = workers
+        self._inflight: deque = deque()  # (block, [(SectionData, raw length, future)]) whose entropy stage runs
         self._sink = AtomicSink(url, storage_options)
         self._sink.write(pack_preamble())
         self.url = url
@@ -61,8 +75,15 @@ class BBFWriter:
         self._check_tensors(group, tensors)
         enc = self._encoder.encode(group, tensors)
         block = int(group.split(".")[1]) if group.startswith("layer.") else -1
-        for sd in enc.sections:
-            self._write_section(sd, block)
+        if self._pool is None:
+            for sd in enc.sections:
+                self._write_section(sd, block)
+        else:
+            # the payload goes to a worker; only its length stays here (its memory goes with `enc`)
+            self._inflight.append((block, [(replace(sd, payload=b""), len(sd.payload), self._submit(sd))
+                                           for sd in enc.sections]))
+            while len(self._inflight) > self._workers:
+                self._drain_one()
         if enc.stats:
             self._stats["groups"][group] = enc.stats
         if self.on_group:
@@ -90,6 +111,9 @@ class BBFWriter:
             raise
 
     def _finish(self) -> None:
+        while self._inflight:
+            self._drain_one()
+        self._shutdown()
         for i, data in enumerate(self._pending_aux):
             self._write_section(SectionData("aux", data, 1), -1, aux_id=i)
         self._stats["codec"] = self._encoder.finish()
@@ -105,6 +129,8 @@ class BBFWriter:
         self._sink.commit()
 
     def abort(self) -> None:
+        self._inflight.clear()
+        self._shutdown()
         self._sink.abort()
 
     def __enter__(self) -> "BBFWriter":
@@ -140,16 +166,46 @@ class BBFWriter:
         if gap:
             self._sink.write(b"\0" * gap)
 
-    def _write_section(self, sd: SectionData, block: int, aux_id: int = 0) -> None:
-        method, stored = 0, sd.payload
-        if self.compression == "auto" and sd.payload:
-            method, stored = entropy.compress(sd.payload, sd.word_size, sd.segments, self.dtype)
+    def _submit(self, sd: SectionData):
+        if not sd.payload:
+            return None
+        payload = sd.payload if isinstance(sd.payload, bytes) else np.frombuffer(sd.payload, np.uint8)  # picklable
+        return self._pool.submit(entropy.compress, payload, sd.word_size, sd.segments, self.dtype,
+                                 small=self.compression == "small")
+
+    def _drain_one(self) -> None:
+        """Write the oldest in-flight group's sections once their entropy stage is done (in file order)."""
+        block, pending = self._inflight.popleft()
+        for sd, raw_len, fut in pending:
+            self._write_section(sd, block, coded=fut.result() if fut is not None else (0, b""), raw_len=raw_len)
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def _write_section(self, sd: SectionData, block: int, aux_id: int = 0, coded: tuple | None = None,
+                       raw_len: int | None = None) -> None:
+        method, stored = coded if coded is not None else (0, sd.payload)
+        if coded is None and self.compression != "none" and sd.payload:
+            method, stored = entropy.compress(sd.payload, sd.word_size, sd.segments, self.dtype,
+                                              small=self.compression == "small")
         self._pad()
         offset = self._sink.pos
         self._sink.write(stored)
         self._records.append(SectionRecord(sd.kind, method, sd.word_size, block, offset, len(stored),
-                                           len(sd.payload), crc32(stored), sd.corrections, aux_id,
+                                           len(sd.payload) if raw_len is None else raw_len, crc32(stored),
+                                           sd.corrections, aux_id,
                                            len(self._records)))
+
+
+def _entropy_pool(workers: int):
+    """Worker processes for the entropy stage. Spawned, not forked: a child then holds none of the caller's
+    memory (the model being encoded) and no copy of torch's thread pools."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def save(tensors: dict[str, torch.Tensor], url: str, model: ModelDesc, *, codec: str | Codec = "raw",
@@ -157,9 +213,13 @@ def save(tensors: dict[str, torch.Tensor], url: str, model: ModelDesc, *, codec:
          progress: bool = False, **writer_kwargs: Any) -> None:
     """Write a whole SliceGPT-form state dict to `url` (any fsspec URL) in one call.
 
+    `tensors` may be a `slicegpt_io.LazyTensors` (a checkpoint read group by group: memory holds one group).
     `dtype` defaults to the tensors' own dtype (float16, bfloat16 or float32); `aux` maps names to bytes or to
-    (bytes, media type); `writer_kwargs` go to BBFWriter (codec_params, metadata, storage_options, ...).
+    (bytes, media type); `writer_kwargs` go to BBFWriter (codec_params, metadata, storage_options, workers, ...).
     """
+    read = getattr(tensors, "read", None)
+    if read is not None:  # lazy: only shapes and dtypes now, each group's weights when it is written
+        tensors = _LazyGroups(tensors)
     if dtype is None:
         dtype = dtype_name(next(iter(tensors.values())).dtype)
     extra = set(tensors) - {t.name for t in model.tensors()}
@@ -173,11 +233,19 @@ def save(tensors: dict[str, torch.Tensor], url: str, model: ModelDesc, *, codec:
             missing = [n for n in names if n not in tensors]
             if missing:
                 raise ModelError(f"tensor {missing[0]!r} is missing from the state dict")
-            w.write_group(group, {n: tensors[n] for n in names})
+            w.write_group(group, tensors.group(names) if read is not None else {n: tensors[n] for n in names})
             bar.update(1)
         for name, data in (aux or {}).items():
             w.add_aux(name, *(data if isinstance(data, tuple) else (data,)))
     bar.close()
+
+
+class _LazyGroups(dict):
+    """A LazyTensors seen as save() needs it: name -> meta tensor (shape, dtype) and `group(names)`, the data."""
+
+    def __init__(self, lazy):
+        super().__init__(lazy.meta())
+        self.group = lazy.read
 
 
 def _progress(total: int, enabled: bool, desc: str):

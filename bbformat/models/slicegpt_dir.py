@@ -31,9 +31,12 @@ class Checkpoint:
 def resolve_checkpoint(path, json_path=None, config=None) -> Checkpoint:
     """A SliceGPT checkpoint given as a file or as the directory holding exactly one (`<name>.pt` or
     `.safetensors` with its `<name>.json`), with the HF config.json and tokenizer files found beside it."""
+    from .slicegpt_io import INDEX_SUFFIX, slicing_json_path
+
     p = Path(path)
     if p.is_dir():
-        found = sorted(c for c in p.iterdir() if c.suffix in CHECKPOINT_SUFFIXES and c.with_suffix(".json").is_file())
+        found = sorted(c for c in p.iterdir() if (c.suffix in CHECKPOINT_SUFFIXES or c.name.endswith(INDEX_SUFFIX))
+                       and slicing_json_path(c).is_file())
         if not found:
             raise BBFError(f"{p} holds no SliceGPT checkpoint (a .pt or .safetensors file with its .json)")
         if len(found) > 1:
@@ -42,13 +45,14 @@ def resolve_checkpoint(path, json_path=None, config=None) -> Checkpoint:
         p = found[0]
     elif not p.exists():
         raise BBFError(f"checkpoint {p} does not exist")
-    elif p.suffix not in CHECKPOINT_SUFFIXES:
-        raise BBFError(f"{p} is not a SliceGPT checkpoint (.pt or .safetensors, or the directory holding one)")
+    elif p.suffix not in CHECKPOINT_SUFFIXES and not p.name.endswith(INDEX_SUFFIX):
+        raise BBFError(f"{p} is not a SliceGPT checkpoint (.pt, .safetensors or a sharded {INDEX_SUFFIX}, or the "
+                       "directory holding one)")
     beside = p.parent
     if config is None and (beside / "config.json").is_file():
         config = beside / "config.json"
     tok = beside if any((beside / f).is_file() for f in TOKENIZER_FILES) else None
-    return Checkpoint(p, Path(json_path) if json_path else p.with_suffix(".json"),
+    return Checkpoint(p, Path(json_path) if json_path else slicing_json_path(p),
                       Path(config) if config else None, tok)
 
 

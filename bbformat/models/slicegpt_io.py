@@ -195,8 +195,12 @@ def _widths(slicing: dict[str, Any], L: int) -> dict[str, tuple[int, ...]]:
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
+INDEX_SUFFIX = ".safetensors.index.json"  # a sharded Hugging Face checkpoint: its weight map names the shards
+
+
 def load_slicegpt(path, json_path=None, config=None) -> tuple[ModelDesc, dict[str, torch.Tensor]]:
-    """Read a SliceGPT checkpoint (`.pt` or `.safetensors`) and its slicing `.json` (default: same stem).
+    """Read a SliceGPT checkpoint (`.pt`, `.safetensors` or a sharded `<stem>.safetensors.index.json`) and its
+    slicing `.json` (default: `<stem>.json`), all of it at once; `open_slicegpt` reads it group by group.
 
     `config` (HF config dict, object, config.json path or its directory) supplies what the shapes cannot tell
     (heads, rope_theta); it is not needed for files we wrote, nor for the models in KNOWN_MODELS. Otherwise
@@ -204,8 +208,15 @@ def load_slicegpt(path, json_path=None, config=None) -> tuple[ModelDesc, dict[st
     matters for running the model, not for storing it. Returns (desc, tensors in `desc.tensors()` order),
     each tensor a compact copy in the file's dtype.
     """
+    desc, lazy = open_slicegpt(path, json_path, config)
+    return desc, lazy.read([t.name for t in desc.tensors()])
+
+
+def open_slicegpt(path, json_path=None, config=None) -> tuple[ModelDesc, "LazyTensors"]:
+    """`load_slicegpt` without reading the weights: (desc, LazyTensors). Only the shapes and dtypes are read now
+    (the safetensors headers, the .pt's pickle); every check `load_slicegpt` makes is made here."""
     path = Path(path)
-    json_path = Path(json_path) if json_path is not None else path.with_suffix(".json")
+    json_path = Path(json_path) if json_path is not None else slicing_json_path(path)
     try:
         if json_path.stat().st_size > _MAX_JSON:
             raise ModelError(f"slicing config {json_path} is larger than {_MAX_JSON} bytes")
@@ -224,41 +235,157 @@ def load_slicegpt(path, json_path=None, config=None) -> tuple[ModelDesc, dict[st
             raise ModelError(f"slicing config {json_path}: {DESC_KEY}: {e}") from None
     elif description_path(path).is_file():  # bbformat >= 0.1 writes its description beside the checkpoint
         desc = read_description(description_path(path))
-    tensors = {k: v for k, v in _read_tensors(path).items() if not k.endswith(_IGNORED_SUFFIXES)}
+    lazy = LazyTensors(path)
+    meta = {k: v for k, v in lazy.meta().items() if not k.endswith(_IGNORED_SUFFIXES)}
     if desc is None:
-        cfg = config if config is not None else _config_from_shapes(slicing, tensors)
-        desc = hf_desc(cfg, slicing, lm_head_bias="lm_head.bias" in tensors)
-    check_tensors(desc, tensors)
-    # SliceGPT tensors can be views of larger storages (and are memory-mapped): keep compact copies only
-    return desc, {t.name: tensors[t.name].contiguous().clone() for t in desc.tensors()}
+        cfg = config if config is not None else _config_from_shapes(slicing, meta)
+        desc = hf_desc(cfg, slicing, lm_head_bias="lm_head.bias" in meta)
+    check_tensors(desc, meta)
+    lazy.only = [t.name for t in desc.tensors()]
+    return desc, lazy
 
 
 _MAX_JSON = 64 << 20  # a slicing config is a few KB
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise ModelError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def slicing_json_path(checkpoint) -> Path:
+    """`<stem>.json` beside `<stem>.pt`, `<stem>.safetensors` or `<stem>.safetensors.index.json`."""
+    p = Path(checkpoint)
+    return p.with_name(_stem(p) + ".json")
 
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise ModelError(f"cannot read {path}: {e}") from None
+
+def _stem(path: Path) -> str:
+    return path.name[:-len(INDEX_SUFFIX)] if path.name.endswith(INDEX_SUFFIX) else path.stem
+
+
+class LazyTensors:
+    """A checkpoint's tensors, read when asked for: `read(names)` opens the file (a .pt memory-mapped, a
+    safetensors file or the shards holding `names`), copies those tensors out and closes it again, so the
+    mapped pages of one group at most are resident, never the whole model. `meta()`: shapes and dtypes only."""
+
+    def __init__(self, path: Path):
+        if not path.exists():
+            raise ModelError(f"checkpoint {path} does not exist")
+        self.path = path
+        self._resident: dict[str, torch.Tensor] | None = None  # a legacy .pt cannot be mapped: read once, kept
+        self._shards: dict[str, Path] | None = None
+        self.only: list[str] | None = None  # open_slicegpt: the description's tensors (meta() lists only those)
+        if path.name.endswith(INDEX_SUFFIX):
+            self._shards = _weight_map(path)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """name -> a tensor on the meta device (shape and dtype, no data), in `only`'s order when it is set."""
+        out = self._meta()
+        return out if self.only is None else {n: out[n] for n in self.only}
+
+    def _meta(self) -> dict[str, torch.Tensor]:
+        if self._shards is not None:
+            out = {}
+            for shard in dict.fromkeys(self._shards.values()):
+                out.update(_safetensors_meta(shard))
+            missing = sorted(set(self._shards) - set(out))
+            if missing:
+                raise ModelError(f"{self.path}: tensor {missing[0]!r} is not in its shard {self._shards[missing[0]]}")
+            return {n: out[n] for n in self._shards}
+        if self.path.suffix == ".safetensors":
+            return _safetensors_meta(self.path)
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self._pt().items()}
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        """{name: compact copy} for `names`, in that order."""
+        names = list(names)
+        if self._shards is not None:
+            by_shard: dict[Path, list[str]] = {}
+            for n in names:
+                by_shard.setdefault(self._shards[n], []).append(n)
+            got = {}
+            for shard, part in by_shard.items():
+                got.update(_safetensors_read(shard, part))
+            return {n: got[n] for n in names}
+        if self.path.suffix == ".safetensors":
+            return _safetensors_read(self.path, names)
+        sd = self._pt()
+        # SliceGPT tensors can be views of larger storages (and are memory-mapped): compact copies only; the
+        # mapping goes when `sd` does
+        return {n: sd[n].contiguous().clone() for n in names}
+
+    def _pt(self) -> dict[str, torch.Tensor]:
+        return self._resident if self._resident is not None else _read_pt(self.path, self)
+
+
+def _read_pt(path: Path, owner: LazyTensors) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: noise for a one-line error
             warnings.simplefilter("ignore")
-            try:  # mmap: only the copies load_slicegpt makes are held in memory, not the (possibly larger) storages
+            try:  # mmap: nothing is read until a tensor is copied
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped: read once and kept
+                sd = owner._resident = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain tensors
         raise ModelError(f"cannot read {path}: it is not a plain state dict of tensors ({_pickle_reason(e)}); "
                          f"bbformat never runs code a checkpoint names") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        owner._resident = None
         raise ModelError(f"{path} is not a flat state dict of tensors")
     return sd
+
+
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+              "BOOL": torch.bool}
+
+
+def _safetensors_meta(path: Path) -> dict[str, torch.Tensor]:
+    """Shapes and dtypes from a safetensors header (8-byte little-endian length, then JSON)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > _MAX_JSON:
+                raise ModelError(f"cannot read {path}: its header claims {n} bytes")
+            header = json.loads(f.read(n))
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ModelError(f"{path}: tensor {name!r} has dtype {info['dtype']}, expected a floating-point one")
+            out[name] = torch.empty([int(x) for x in info["shape"]], dtype=dtype, device="meta")
+        return out
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"cannot read {path}: not a safetensors file ({e})") from None
+
+
+def _safetensors_read(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {n: f.get_tensor(n) for n in names}
+    except Exception as e:  # safetensors raises its own error types
+        raise ModelError(f"cannot read {path}: {e}") from None
+
+
+def _weight_map(index: Path) -> dict[str, Path]:
+    """A sharded checkpoint's tensor -> shard file (beside the index; a shard elsewhere is refused)."""
+    try:
+        if index.stat().st_size > _MAX_JSON:
+            raise ModelError(f"{index} is larger than {_MAX_JSON} bytes")
+        wm = json.loads(index.read_text())["weight_map"]
+        if not isinstance(wm, dict):
+            raise TypeError("weight_map is not a map")
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ModelError(f"cannot read sharded checkpoint index {index}: {e}") from None
+    out = {}
+    for name, shard in wm.items():
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise ModelError(f"{index}: shard {str(shard)[:80]!r} of {name!r} is not a file beside the index")
+        out[name] = index.parent / shard
+    return out
 
 
 def _pickle_reason(e: BaseException) -> str:
@@ -382,6 +509,31 @@ def save_slicegpt(desc: ModelDesc, tensors: dict[str, torch.Tensor], out_path) -
     return out_path, json_path
 
 
+def save_sharded(desc: ModelDesc, groups, index_path) -> Path:
+    """Write (group, tensors) pairs in push order as a sharded safetensors checkpoint, one shard per group,
+    holding one group in memory: `<stem>-00001-of-000NN.safetensors`..., the index `<stem>.safetensors.index.json`
+    (Hugging Face's weight map), SliceGPT's `<stem>.json` and bbformat's description. The index is written last:
+    a checkpoint whose index exists is complete."""
+    from safetensors.torch import save_file
+
+    index_path = Path(index_path)
+    if not index_path.name.endswith(INDEX_SUFFIX):
+        raise BBFError(f"a sharded checkpoint's index must end in {INDEX_SUFFIX}: {index_path}")
+    stem, n = _stem(index_path), len(desc.groups())
+    weight_map: dict[str, str] = {}
+    for i, (group, tensors) in enumerate(groups):
+        shard = f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(index_path.with_name(shard)),
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    if set(weight_map) != {t.name for t in desc.tensors()}:
+        raise ModelError(f"save_sharded: got {len(weight_map)} tensors, the description has {len(desc.tensors())}")
+    slicing_json_path(index_path).write_text(json.dumps(desc.slicing_config(), indent=1, allow_nan=False))
+    description_path(index_path).write_bytes(description_json(desc))
+    index_path.write_text(json.dumps({"metadata": {"format": "pt"}, "weight_map": weight_map}, indent=1))
+    return index_path
+
+
 # ---- bbformat's own description beside a SliceGPT checkpoint ------------------------------------------------
 DESCRIPTION_FORMAT = "bbformat.model/1"
 DESCRIPTION_SUFFIX = ".bbformat.json"
@@ -391,7 +543,7 @@ def description_path(checkpoint) -> Path:
     """`<dir>/<stem>.bbformat.json` for `<dir>/<stem>.pt` (or .safetensors): where bbformat keeps the full model
     description (SPEC section 9) of a checkpoint it wrote, so that the `.json` can stay SliceGPT's own."""
     p = Path(checkpoint)
-    return p.with_name(p.stem + DESCRIPTION_SUFFIX)
+    return p.with_name(_stem(p) + DESCRIPTION_SUFFIX)
 
 
 def description_json(desc: ModelDesc) -> bytes:

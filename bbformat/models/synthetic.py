@@ -2,12 +2,15 @@
 
 `random_slicegpt` mimics what SliceGPT produces: every shortcut matrix is a slice of a product of two random
 orthogonal bases, Q_a[:, :k_a]^T Q_b[:, :k_b]; embeddings and head have per-column scales that decay like a PCA
-ordering; other weights are Gaussian with a trained-like std.
+ordering; other weights are Gaussian with a trained-like std. `iter_random_slicegpt` yields the same weights
+group by group (memory: one group), for the 7B/70B-shaped models of the scale benchmark.
 """
 
 from __future__ import annotations
 
 import torch
+
+from collections.abc import Iterator
 
 from ..errors import ModelError
 from .arch import ModelDesc
@@ -22,6 +25,14 @@ _CONFIGS = {
                          num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152,
                          max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2),
+    # the shapes of the scale benchmark (tools/bench_scale.py)
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                      max_position_embeddings=4096, rope_theta=10000.0, bos_token_id=1, eos_token_id=2),
+    "llama3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, intermediate_size=28672, vocab_size=128256,
+                       max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=128000,
+                       eos_token_id=128001),
 }
 EXAMPLES = tuple(_CONFIGS)
 
@@ -67,7 +78,13 @@ def _per(v):
 
 def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
     """A Haar-random n x n orthogonal matrix (float64)."""
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Householder QR is several times faster on one thread of busy cores (codecs/exact.py)
+    try:
+        q, r = torch.linalg.qr(a)
+    finally:
+        torch.set_num_threads(threads)
     return q * torch.sign(torch.diagonal(r))
 
 
@@ -80,23 +97,34 @@ def pca_scales(k: int, std: float) -> torch.Tensor:
 def random_slicegpt(desc: ModelDesc, seed: int = 0, dtype: torch.dtype = torch.float32,
                     scale: float = 0.03) -> dict[str, torch.Tensor]:
     """Random SliceGPT-form weights for `desc`, keyed by SliceGPT name, in `desc.tensors()` order."""
+    out: dict[str, torch.Tensor] = {}
+    for _, tensors in iter_random_slicegpt(desc, seed, dtype, scale):
+        out.update(tensors)
+    return out
+
+
+def iter_random_slicegpt(desc: ModelDesc, seed: int = 0, dtype: torch.dtype = torch.float32,
+                         scale: float = 0.03) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """`random_slicegpt`'s weights (the same values) as (group, {name: tensor}) in push order."""
     gen = torch.Generator().manual_seed(seed)
     d = desc.hidden_size
     work = torch.float64 if dtype == torch.float64 else torch.float32  # big Gaussians need no float64
 
-    def randn(*shape, std=scale):
-        return (torch.randn(*shape, generator=gen, dtype=work) * std).to(dtype)
+    def randn(*shape, std=scale):  # in place: a 70B head is 4 GB of float32 already
+        return torch.randn(*shape, generator=gen, dtype=work).mul_(std).to(dtype)
 
     shapes = {t.name: t.shape for t in desc.tensors()}
-    out: dict[str, torch.Tensor] = {}
     q_in = random_orthogonal(d, gen)  # basis of the residual stream entering each block (Q_a)
+    out: dict[str, torch.Tensor] = {}
     for name in desc.embed_names():
         V, k = shapes[name]
         out[name] = randn(V, k, std=1.0) * pca_scales(k, scale).to(dtype)
+    yield "embed", out
     for i in range(desc.num_layers):
         names, lshapes = desc.layer_names(i), desc.layer_shapes(i)
         q_mid, q_out = random_orthogonal(d, gen), random_orthogonal(d, gen)
         ka, kb, kc = desc.attn_input_dims[i], desc.attn_output_dims[i], desc.mlp_output_dims[i]
+        out = {}
         for role, name in names.items():
             if role == "attn_sc":
                 out[name] = (q_in[:, :ka].T @ q_mid[:, :kb]).to(dtype)
@@ -105,8 +133,9 @@ def random_slicegpt(desc: ModelDesc, seed: int = 0, dtype: torch.dtype = torch.f
             else:
                 out[name] = randn(*lshapes[role], std=scale / 4 if role.endswith("_bias") else scale)
         q_in = q_out
+        yield f"layer.{i}", {t.name: out[t.name] for t in desc.group_tensors(f"layer.{i}")}
     V, k = shapes["lm_head.weight"]
-    out["lm_head.weight"] = randn(V, k, std=1.0) * pca_scales(k, scale).to(dtype)
+    out = {"lm_head.weight": randn(V, k, std=1.0) * pca_scales(k, scale).to(dtype)}
     if desc.lm_head_bias:
         out["lm_head.bias"] = randn(V, std=scale / 4)
-    return {t.name: out[t.name] for t in desc.tensors()}
+    yield "head", out
