@@ -566,6 +566,17 @@ def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, le
     return bytes(head) + b"".join(parts)
 
 
+def read_piece(r: "_Reader", n: int, pos: int) -> "_Piece":
+    """One piece's header (rows, cols, line direction, class count), checked against the n - pos words left; shared
+    by methods 1 and 2 (SPEC 13.4, 13.8)."""
+    rows, cols = r.varint(n, "piece rows"), r.varint(n, "piece cols")
+    by_cols, k = r.byte(), r.byte()
+    if by_cols > 1 or not 1 <= k <= MAX_CLASSES or rows == 0 or cols == 0 or rows * cols > n - pos:
+        raise FormatError(f"entropy header: bad piece {rows}x{cols} (lines {by_cols}, {k} classes) at word "
+                          f"{pos} of {n}")
+    return _Piece(pos, rows, cols, bool(by_cols), k)
+
+
 def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndarray | None = None,
                   threads: bool = True) -> np.ndarray:
     r, chunk = _read_prefix(stored, allowed_flags=FLAG_NIBBLES)
@@ -575,13 +586,8 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndar
     n_pieces = r.varint(n, "piece count")
     pieces, pos, n_lines, n_esc = [], 0, 0, 0
     for _ in range(n_pieces):
-        rows, cols = r.varint(n, "piece rows"), r.varint(n, "piece cols")
-        by_cols, k = r.byte(), r.byte()
-        if by_cols > 1 or not 1 <= k <= MAX_CLASSES or rows == 0 or cols == 0 or rows * cols > n - pos:
-            raise FormatError(f"entropy header: bad piece {rows}x{cols} (lines {by_cols}, {k} classes) at word "
-                              f"{pos} of {n}")
-        p = _Piece(pos, rows, cols, bool(by_cols), k)
-        p.escapes = tuple(r.varint(p.size, "escape count") for _ in range(k))
+        p = read_piece(r, n, pos)
+        p.escapes = tuple(r.varint(p.size, "escape count") for _ in range(p.n_classes))
         pieces.append(p)
         pos += p.size
         n_lines += p.n_lines

@@ -268,12 +268,8 @@ def decode(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndarray | N
     n_pieces = r.varint(n, "piece count")
     pieces, pos, n_lines, k_total, n_chunks = [], 0, 0, 0, 0
     for _ in range(n_pieces):
-        rows, cols = r.varint(n, "piece rows"), r.varint(n, "piece cols")
-        by_cols, k = r.byte(), r.byte()
-        if by_cols > 1 or not 1 <= k <= MAX_CLASSES or rows == 0 or cols == 0 or rows * cols > n - pos:
-            raise FormatError(f"entropy header: bad piece {rows}x{cols} (lines {by_cols}, {k} classes) at word "
-                              f"{pos} of {n}")
-        p = planes._Piece(pos, rows, cols, bool(by_cols), k)
+        p = planes.read_piece(r, n, pos)
+        k = p.n_classes
         pieces.append(p)
         pos += p.size
         n_lines += p.n_lines
