@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import replace
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -57,7 +58,10 @@ class BBFWriter:
         self._stats: dict[str, Any] = {"groups": {}}
         if not isinstance(workers, int) or workers < 1:
             raise BBFError(f"workers must be a positive integer, got {workers!r}")
-        self._pool = _entropy_pool(workers) if workers > 1 and compression != "none" else None
+        # the entropy stage of one section (a module-level function and its arguments: picklable for the workers)
+        self._compress = None if compression == "none" else \
+            partial(entropy.compress, dtype=self.dtype, small=compression == "small")
+        self._pool = _entropy_pool(workers) if workers > 1 and self._compress is not None else None
         self._workers = workers
         self._inflight: deque = deque()  # (block, [(SectionData, raw length, future)]) whose entropy stage runs
         self._sink = AtomicSink(url, storage_options)
@@ -170,8 +174,7 @@ class BBFWriter:
         if not sd.payload:
             return None
         payload = sd.payload if isinstance(sd.payload, bytes) else np.frombuffer(sd.payload, np.uint8)  # picklable
-        return self._pool.submit(entropy.compress, payload, sd.word_size, sd.segments, self.dtype,
-                                 small=self.compression == "small")
+        return self._pool.submit(self._compress, payload, sd.word_size, sd.segments)
 
     def _drain_one(self) -> None:
         """Write the oldest in-flight group's sections once their entropy stage is done (in file order)."""
@@ -187,9 +190,8 @@ class BBFWriter:
     def _write_section(self, sd: SectionData, block: int, aux_id: int = 0, coded: tuple | None = None,
                        raw_len: int | None = None) -> None:
         method, stored = coded if coded is not None else (0, sd.payload)
-        if coded is None and self.compression != "none" and sd.payload:
-            method, stored = entropy.compress(sd.payload, sd.word_size, sd.segments, self.dtype,
-                                              small=self.compression == "small")
+        if coded is None and self._compress is not None and sd.payload:
+            method, stored = self._compress(sd.payload, sd.word_size, sd.segments)
         self._pad()
         offset = self._sink.pos
         self._sink.write(stored)
