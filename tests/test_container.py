@@ -91,6 +91,33 @@ def test_stream_any_subset_in_any_order_fetches_only_those_groups(model, bbf_fil
             next(f.stream(groups=["layer.99"]))
 
 
+@pytest.mark.parametrize("readahead", [0, 1, 2])
+def test_stream_decodes_at_most_readahead_groups_beyond_the_callers(model, bbf_file, readahead):
+    """Memory bound of stream(): while the caller holds a group, at most `readahead` more are decoded or decoding."""
+    import threading
+    import time
+
+    desc, tensors = model
+    with bbformat.open(str(bbf_file)) as f:
+        started, lock, decode = [], threading.Lock(), f._decode_group
+
+        def counting(group, *a, **k):
+            with lock:
+                started.append(group)
+            return decode(group, *a, **k)
+
+        f._decode_group = counting
+        it = f.stream(readahead=readahead)
+        seen = []
+        for g, ts in it:
+            seen.append(g)
+            time.sleep(0.05)  # room for the pipeline to run as far ahead as it may
+            with lock:
+                assert len(started) <= min(len(desc.groups()), len(seen) + readahead), (seen, started)
+            assert sorted(ts) == sorted(t.name for t in desc.group_tensors(g))
+        assert sorted(seen) == sorted(desc.groups()) and len(started) == len(seen)
+
+
 def test_random_access_fetches_only_its_sections(model, bbf_file):
     desc, tensors = model
     with bbformat.open(str(bbf_file)) as f:

@@ -246,3 +246,55 @@ def test_other_layout_versions_are_refused():
     for old in (1, 2, 4):
         with pytest.raises(FormatError, match=f"version {old}"):
             entropy.decompress(method, bytes([old]) + stored[1:], len(payload), 2, "bfloat16")
+
+
+def test_large_tensors_are_cut_into_bands_of_rows(monkeypatch):
+    monkeypatch.setattr(entropy, "MAX_PIECE_WORDS", 30_000)
+    pieces = entropy._pieces(5 + 1000 * 100 + 7, [Segment(5, 1000, 100)])
+    bands = [p for p in pieces if p.rows > 1]
+    assert len(bands) == 4 and all(p.size <= 30_000 and p.cols == 100 for p in bands)
+    assert sum(p.rows for p in bands) == 1000
+    pos = 0
+    for p in pieces:  # the pieces tile the payload in order
+        assert p.offset == pos
+        pos += p.size
+    assert pos == 5 + 1000 * 100 + 7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("zeros", [0.0, 0.3])  # 0.3: exponents too spread for nibbles (bytes + escapes off)
+def test_waves_decode_the_same_words_with_bounded_scratch_and_never_reread_released_bytes(monkeypatch, dtype,
+                                                                                         zeros):
+    """A section decodes in waves of pieces: the result is the same, the scratch is one wave's, and every stored
+    byte handed to `release` is never read again (the test overwrites it)."""
+    monkeypatch.setattr(entropy, "CHUNK_LOG2", 12)  # several chunks per plane window
+    monkeypatch.setattr(entropy, "MAX_PIECE_WORDS", 20_000)
+    rng = np.random.default_rng(5)
+    x = pca_like(600, 96, seed=5)
+    x[rng.random(x.shape) < zeros] = 0.0
+    head = rng.standard_normal(101) * 0.01
+    payload = np.concatenate([words_of(head, dtype), words_of(x.ravel(), dtype), words_of(x[:50].ravel(), dtype)])
+    segs = [Segment(101, 600, 96), Segment(101 + 600 * 96, 50, 96)]
+    ws = word_size(dtype)
+    method, stored = compress1(payload.tobytes(), ws, segs, dtype)
+    assert method == entropy.METHOD_PLANES
+    n_pieces = len(entropy._pieces(payload.size, segs))
+    assert n_pieces >= 5
+    take, taken, most = entropy._SCRATCH.take, [], {}
+    monkeypatch.setattr(entropy._SCRATCH, "take", lambda k: taken.append(k) or take(k))
+    for wave in (1, 25_000, 10 ** 9):  # a piece per wave, a few, the whole section in one
+        monkeypatch.setattr(entropy, "WAVE_WORDS", wave)
+        buf = np.frombuffer(bytearray(stored), np.uint8)
+        released = np.zeros(len(stored), bool)
+        taken.clear()
+
+        def release(a, b):
+            assert 0 <= a <= b <= len(stored)
+            buf[a:b] = 0xA5  # poison: a later read of these bytes would decode garbage or fail
+            released[a:b] = True
+
+        out = entropy.decompress(method, memoryview(buf), payload.nbytes, ws, dtype, release=release)
+        assert bytes(out) == payload.tobytes()
+        assert released.mean() > 0.8  # nearly every byte was handed back before the end
+        most[wave] = max(taken)
+    assert most[1] < most[10 ** 9] / 2  # one piece's streams at a time: a fraction of the whole section's

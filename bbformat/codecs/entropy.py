@@ -61,6 +61,8 @@ MIN_SEARCH_WORDS = 4096  # smaller 2-D segments are coded as runs of words
 _BASE_SAMPLE = 2048  # words of a line its base and histogram are estimated from
 MAX_ESCAPE_FRACTION = 1 / 16  # more escapes than this: nibbles lose, code the exponent bytes instead
 _PARALLEL_BYTES = 1 << 24  # smaller sections decode on the calling thread (the reader runs groups in parallel)
+MAX_PIECE_WORDS = 1 << 22  # larger 2-D segments are coded as bands of rows (4M words, 8-16 MB)
+WAVE_WORDS = 1 << 23  # a section decodes this many words at a time (whole pieces): its scratch, ~16-32 MB
 
 _DTYPE_WORD_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
@@ -105,12 +107,13 @@ def _size(coded: tuple[int, bytes]) -> tuple[int, int]:
 
 
 def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: str,
-               out: np.ndarray | None = None, threads: bool = True) -> bytes | np.ndarray:
+               out: np.ndarray | None = None, threads: bool = True, release=None) -> bytes | np.ndarray:
     """Undo `compress`. Never allocates more than `raw_len` (plus bounded bookkeeping); FormatError on bad data.
 
     `out` (a writable uint8 array of raw_len bytes) receives a word payload coded with method 1 in place of a new
     array: a codec can then rebuild its tensors around the payload without copying it. `threads=False` keeps a
-    large section on the calling thread (for a caller that already decodes sections in parallel)."""
+    large section on the calling thread (for a caller that already decodes sections in parallel). `release(start,
+    end)`: called (method 1) once stored bytes [start, end) are no longer needed, so a store can drop them early."""
     _check_kind(word_size, dtype, FormatError)
     if raw_len < 0 or raw_len % word_size:
         raise FormatError(f"section raw length {raw_len} is not a whole number of {word_size}-byte words")
@@ -131,7 +134,7 @@ def decompress(method: int, stored: bytes, raw_len: int, word_size: int, dtype: 
     if method == METHOD_WORDS:
         from . import entropy_words
         return entropy_words.decode(memoryview(stored), raw_len // word_size, word_size, dtype, out, threads)
-    return _decode_words(memoryview(stored), raw_len // word_size, word_size, dtype, out, threads)
+    return _decode_words(memoryview(stored), raw_len // word_size, word_size, dtype, out, threads, release)
 
 
 def _check_kind(word_size: int, dtype: str, error: type[BBFError]) -> None:
@@ -308,7 +311,7 @@ def _run(tasks: list, parallel: bool) -> None:
 def _encode_bytes(payload: bytes, level: int) -> bytes:
     head, parts = bytearray([VERSION, 0, CHUNK_LOG2]), []
     _encode_stream(head, parts, payload, _byte_params(level), 1 << CHUNK_LOG2)
-    return bytes(head) + b"".join(parts)
+    return b"".join([head, *parts])  # one copy of the output, not two
 
 
 def _decode_bytes(stored: memoryview, raw_len: int, threads: bool = True) -> bytes:
@@ -387,7 +390,12 @@ def _pieces(n: int, segments: Sequence[Segment]) -> list[_Piece]:
             raise BBFError(f"segment {s} overlaps another or lies outside the {n}-word payload")
         run(pos, s.offset)
         if s.rows > 1 and s.rows * s.cols >= MIN_SEARCH_WORDS:
-            pieces.append(_Piece(s.offset, s.rows, s.cols))
+            # a large tensor is cut into bands of rows: a piece's streams are decoded whole, so the size of a
+            # piece bounds a reader's scratch (and the writer's), whatever the model's size
+            bands = -(-s.rows * s.cols // MAX_PIECE_WORDS)
+            step = -(-s.rows // bands)
+            for r in range(0, s.rows, step):
+                pieces.append(_Piece(s.offset + r * s.cols, min(step, s.rows - r), s.cols))
         else:
             run(s.offset, s.offset + s.rows * s.cols)
         pos = s.offset + s.rows * s.cols
@@ -556,14 +564,15 @@ def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, le
     _encode_stream(head, parts, np.concatenate([c[0] for c in coded]), sym_params, chunk)
     _encode_stream(head, parts, np.concatenate([c[1] for c in coded]), sym_params, chunk)
     for c in coded:
-        for s in c[2]:
+        for j, s in enumerate(c[2]):
             _encode_stream(head, parts, s, sym_params, chunk)
+            c[2][j] = s = None  # coded: its raw symbols can go (at 70B the embeddings' are 0.8 GB)
     _encode_stream(head, parts, np.concatenate([e for c in coded for e in c[3]] or [np.zeros(0, np.uint8)]),
                    sym_params, chunk)
     byte_params = _byte_params(level)
     for k in range(ws - 1):
         _encode_stream(head, parts, np.ascontiguousarray(planes[:, k]), byte_params, chunk)
-    return bytes(head) + b"".join(parts)
+    return b"".join([head, *parts])  # one copy of the output, not two
 
 
 def read_piece(r: "_Reader", n: int, pos: int) -> "_Piece":
@@ -578,7 +587,7 @@ def read_piece(r: "_Reader", n: int, pos: int) -> "_Piece":
 
 
 def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndarray | None = None,
-                  threads: bool = True) -> np.ndarray:
+                  threads: bool = True, release=None) -> np.ndarray:
     r, chunk = _read_prefix(stored, allowed_flags=FLAG_NIBBLES)
     nibbles = bool(stored[1] & FLAG_NIBBLES)
     shift = _exp_shift(dtype)
@@ -618,45 +627,103 @@ def _decode_words(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndar
     data0 = r.pos
 
     # Work memory (the decoded streams) comes from a pool: fresh memory costs a fault per page.
-    all_refs = [base_ref, class_ref, *(ref for refs in sym_refs for ref in refs), esc_ref, *plane_refs]
-    area = _SCRATCH.take(sum(ref.raw_len for ref in all_refs if not ref.stored))
+    return _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, base_ref, class_ref, sym_refs, esc_ref,
+                           plane_refs, chunk, dest, threads and n * ws >= _PARALLEL_BYTES, release)
+
+
+def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, base_ref, class_ref, sym_refs, esc_ref, plane_refs,
+                    chunk: int, dest: np.ndarray | None, parallel: bool, release) -> np.ndarray:
+    """Decode in *waves* of consecutive pieces (at most WAVE_WORDS words, or one larger piece): each wave's symbol
+    streams and its window of the low planes, then its words. Scratch is one wave's, not the section's, and the
+    stored bytes a wave used are handed to `release(start, end)` (a store may drop them) as soon as it is done."""
+    out = np.empty(n, _WORD[ws]) if dest is None else dest.view(_WORD[ws])  # every word is written below
+    waves, cur = [], []
+    for i, p in enumerate(pieces):
+        if cur and sum(pieces[j].size for j in cur) + p.size > WAVE_WORDS:
+            waves.append(cur)
+            cur = []
+        cur.append(i)
+    waves.append(cur)
+
+    def window(wave: list[int]) -> tuple[int, int]:  # the chunk-aligned word range a wave's planes are decoded over
+        a, b = pieces[wave[0]].offset, pieces[wave[-1]].offset + pieces[wave[-1]].size
+        return a // chunk * chunk, min(n, -(-b // chunk) * chunk)
+
+    def wave_scratch(wave: list[int]) -> int:
+        a, b = window(wave)
+        return sum(r.raw_len for i in wave for r in sym_refs[i] if not r.stored) + \
+            (b - a) * sum(not r.stored for r in plane_refs)
+
+    small = [r for r in (base_ref, class_ref, esc_ref) if not r.stored]
+    area = _SCRATCH.take(sum(r.raw_len for r in small) + max(wave_scratch(w) for w in waves))
     try:
-        return _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref, class_ref, sym_refs,
-                               esc_ref, plane_refs, dest, threads and n * ws >= _PARALLEL_BYTES)
+        used = [0]
+
+        def alloc(k: int) -> np.ndarray:
+            used[0] += k
+            return area[used[0] - k:used[0]]
+
+        # the per-line and escape streams are small (a byte per line, a byte per escape): all of them up front
+        tasks: list = []
+        bases = _stream_array(stored, data0, base_ref, tasks, "base stream", alloc)
+        classes = _stream_array(stored, data0, class_ref, tasks, "class stream", alloc)
+        esc = _stream_array(stored, data0, esc_ref, tasks, "escape stream", alloc)
+        _run(tasks, parallel)
+        line0, esc0, fixed = [0], [0], used[0]
+        lines_at, escs_at = [], []
+        for p in pieces:
+            lines_at.append(line0[0])
+            line0[0] += p.n_lines
+            escs = []
+            for c in range(p.n_classes):
+                escs.append(esc[esc0[0]:esc0[0] + p.escapes[c]])
+                esc0[0] += p.escapes[c]
+            escs_at.append(escs)
+        released = [None] * len(plane_refs)  # per plane: the stored offset up to which it was handed back
+        for w, wave in enumerate(waves):
+            used[0] = fixed
+            a, b = window(wave)
+            # 1. zstd: the wave's symbol streams and its window of every low plane (stored chunks are views)
+            tasks = []
+            syms = {i: [_stream_array(stored, data0, ref, tasks, "symbol stream", alloc) for ref in sym_refs[i]]
+                    for i in wave}
+            lo = [_plane_window(stored, data0, ref, a, b, chunk, tasks, f"plane {k}", alloc)
+                  for k, ref in enumerate(plane_refs)]
+            _run(tasks, parallel)
+            # 2. each piece's symbols + escapes + the low planes -> its words, row by row (one task per piece)
+            ow = out[a:b]
+            tasks = [lambda i=i: _decode_piece(ow, lo, pieces[i], pieces[i].offset - a,
+                                               classes[lines_at[i]:lines_at[i] + pieces[i].n_lines],
+                                               bases[lines_at[i]:lines_at[i] + pieces[i].n_lines], shift, nibbles,
+                                               syms[i], escs_at[i]) for i in wave]
+            _run(tasks, parallel)
+            if release is not None:
+                spans = [(c[2], c[2] + c[3]) for i in wave for r in sym_refs[i] for c in r.chunks]
+                if spans:  # the wave's symbol streams are contiguous in the stored bytes
+                    release(data0 + min(s for s, _ in spans), data0 + max(e for _, e in spans))
+                nxt = window(waves[w + 1])[0] if w + 1 < len(waves) else n
+                for k, ref in enumerate(plane_refs):  # the plane chunks no later wave reads
+                    done = [c for c in ref.chunks if c[0] + c[1] <= nxt]
+                    if done:
+                        lo_at = ref.chunks[0][2] if released[k] is None else released[k]
+                        released[k] = done[-1][2] + done[-1][3]
+                        release(data0 + lo_at, data0 + released[k])
     finally:
         _SCRATCH.give(area)
-
-
-def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, area, base_ref, class_ref, sym_refs, esc_ref,
-                    plane_refs, dest: np.ndarray | None, parallel: bool) -> np.ndarray:
-    used = [0]
-
-    def alloc(k: int) -> np.ndarray:
-        used[0] += k
-        return area[used[0] - k:used[0]]
-
-    # 1. zstd: every stream's chunks (on all cores for a large section); stored chunks are views, not copies
-    tasks: list = []
-    bases = _stream_array(stored, data0, base_ref, tasks, "base stream", alloc)
-    classes = _stream_array(stored, data0, class_ref, tasks, "class stream", alloc)
-    syms = [[_stream_array(stored, data0, ref, tasks, "symbol stream", alloc) for ref in refs] for refs in sym_refs]
-    esc = _stream_array(stored, data0, esc_ref, tasks, "escape stream", alloc)
-    lo = [_stream_array(stored, data0, ref, tasks, f"plane {k}", alloc) for k, ref in enumerate(plane_refs)]
-    _run(tasks, parallel)
-
-    # 2. each piece's symbol streams + escapes + the low planes -> its words, row by row (one task per piece)
-    out = np.empty(n, _WORD[ws]) if dest is None else dest.view(_WORD[ws])  # every word is written below
-    tasks, line0, esc0 = [], 0, 0
-    for p, streams in zip(pieces, syms):
-        escs = []
-        for c in range(p.n_classes):
-            escs.append(esc[esc0:esc0 + p.escapes[c]])
-            esc0 += p.escapes[c]
-        tasks.append(lambda p=p, c=classes[line0:line0 + p.n_lines], b=bases[line0:line0 + p.n_lines], s=streams,
-                     e=escs: _decode_piece(out, lo, p, c, b, shift, nibbles, s, e))
-        line0 += p.n_lines
-    _run(tasks, parallel)
     return out.view(np.uint8)
+
+
+def _plane_window(stored, data0: int, ref: _StreamRef, a: int, b: int, chunk: int, tasks: list, what: str,
+                  alloc) -> np.ndarray:
+    """Bytes [a, b) of a plane stream (a and b on chunk boundaries, or b = its end): a view when stored, else a
+    buffer filled by `tasks`."""
+    if ref.stored:
+        s0 = ref.chunks[0][2] if ref.chunks else 0
+        return np.frombuffer(stored[data0 + s0 + a: data0 + s0 + b], np.uint8)
+    buf = alloc(b - a)
+    for c in ref.chunks[a // chunk: -(-b // chunk)]:
+        tasks.append(lambda c=c: _decode_chunk(stored, data0, (c[0] - a, *c[1:]), buf, what))
+    return buf
 
 
 class _ScratchPool:
@@ -686,8 +753,10 @@ class _ScratchPool:
 _SCRATCH = _ScratchPool()
 
 
-def _decode_piece(out, lo, p: _Piece, classes, bases, shift: int, nibbles: bool, streams, escapes) -> None:
+def _decode_piece(out, lo, p: _Piece, offset: int, classes, bases, shift: int, nibbles: bool, streams,
+                  escapes) -> None:
+    """Piece p's words into `out` (a window of the section's words, as `lo` is of its planes) from word `offset`."""
     try:
-        kernels.decode(out, lo, p.offset, p.rows, p.cols, p.by_cols, classes, bases, shift, nibbles, streams, escapes)
+        kernels.decode(out, lo, offset, p.rows, p.cols, p.by_cols, classes, bases, shift, nibbles, streams, escapes)
     except ValueError as e:
         raise FormatError(f"piece at word {p.offset}: {e}") from None

@@ -38,8 +38,8 @@ KINDS = ("initial", "block", "correction", "head", "aux")
 COMPRESSIONS = ("none", "zstd-planes", "words-rans")  # ids 0, 1, 2 (the entropy stage may add ids; see SPEC)
 
 
-def crc32(data: bytes | memoryview) -> int:
-    return kernels.crc32(data)
+def crc32(data: bytes | memoryview, value: int = 0) -> int:
+    return kernels.crc32(data, value)
 
 
 def align(n: int) -> int:

@@ -31,6 +31,9 @@ from ..io.fetch import FetchOptions, Prefetcher
 from ..io.store import BufferStore, Store, open_store
 
 
+_CRC_SLAB = 1 << 23
+
+
 class BBFReader:
     def __init__(self, url: str, storage_options: dict | None = None, cache_groups: int = 1, *,
                  fetch: FetchOptions | dict | None = None, store: Store | None = None):
@@ -161,15 +164,17 @@ class BBFReader:
 
         workers = workers or min(2, os.cpu_count() or 1)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-decode")
-        futures = [pool.submit(decode, i) for i in range(min(len(order), readahead + 1))]
+        # the caller holds group i (it asked for i, so it is done with i - 1) while groups i + 1 .. i + readahead
+        # are decoded or decoding: readahead + 1 groups of decoded words at most
+        futures: list = []
         try:
             for i, g in enumerate(order):
+                while len(futures) <= min(len(order) - 1, i + max(0, readahead)):
+                    futures.append(pool.submit(decode, len(futures)))
                 tensors = futures[i].result()
                 futures[i] = None  # drop the reference so memory stays bounded
-                nxt = i + readahead + 1
-                if nxt < len(order):
-                    futures.append(pool.submit(decode, nxt))
                 yield g, tensors
+                del tensors
         finally:  # also when the caller stops early: cancel what is pending, free what was fetched
             fetch.close()
             for f in futures:
@@ -190,7 +195,7 @@ class BBFReader:
         threads=False)."""
         if stored is None:
             stored = self.store.view(rec.offset, rec.offset + rec.stored_len)
-        if crc32(stored) != rec.crc:
+        if self._crc(rec, stored) != rec.crc:
             raise ChecksumError(f"{rec.label}: checksum mismatch (the file is corrupt)")
         if rec.compression == 0:
             raw = stored
@@ -200,13 +205,24 @@ class BBFReader:
         else:
             try:
                 raw = entropy.decompress(rec.compression, stored, rec.raw_len, rec.word_size, self.dtype, out,
-                                         threads)
+                                         threads, lambda a, b: self.store.done_with(rec.offset + a, rec.offset + b))
             except FormatError as e:
                 raise FormatError(f"{rec.label}: {e}") from None
             self.store.done_with(rec.offset, rec.offset + rec.stored_len)  # decoded: nothing refers to `stored`
         if len(raw) != rec.raw_len:
             raise FormatError(f"{rec.label}: decompressed to {len(raw)} bytes, index says {rec.raw_len}")
         return raw
+
+    def _crc(self, rec: SectionRecord, stored) -> int:
+        """The section's checksum, read in slabs that the store may drop once read (a local file's pages would
+        otherwise all stay mapped until the section is decoded: a whole group's stored bytes)."""
+        if len(stored) <= _CRC_SLAB:
+            return crc32(stored)
+        view, value = memoryview(stored), 0
+        for a in range(0, len(view), _CRC_SLAB):
+            value = crc32(view[a:a + _CRC_SLAB], value)
+            self.store.done_with(rec.offset + a, rec.offset + min(len(view), a + _CRC_SLAB))
+        return value
 
     def verify_checksums(self) -> list[tuple[SectionRecord, bool]]:
         """Check the preamble and every section's checksum (reads the whole file)."""
