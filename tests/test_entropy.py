@@ -250,15 +250,14 @@ def test_other_layout_versions_are_refused():
 
 def test_large_tensors_are_cut_into_bands_of_rows(monkeypatch):
     monkeypatch.setattr(entropy, "MAX_PIECE_WORDS", 30_000)
-    pieces = entropy._pieces(5 + 1000 * 100 + 7, [Segment(5, 1000, 100)])
-    bands = [p for p in pieces if p.rows > 1]
-    assert len(bands) == 4 and all(p.size <= 30_000 and p.cols == 100 for p in bands)
-    assert sum(p.rows for p in bands) == 1000
-    pos = 0
-    for p in pieces:  # the pieces tile the payload in order
-        assert p.offset == pos
-        pos += p.size
-    assert pos == 5 + 1000 * 100 + 7
+    bands = entropy._bands(entropy._Piece(5, 1000, 100))
+    assert len(bands) == 4 and all((b - a) * 100 <= 30_000 for a, b in bands)
+    assert [a for a, _ in bands] == [0] + [b for _, b in bands[:-1]] and bands[-1][1] == 1000  # they tile it
+    payload, segs = section("bfloat16")
+    monkeypatch.setattr(entropy, "MAX_PIECE_WORDS", 4000)
+    _, stored = roundtrip(payload, 2, segs, "bfloat16")
+    # the piece count (a one-byte varint): two runs of words, and the 300 x 48 tensor in 4 bands of 75 rows
+    assert len(entropy._pieces(len(payload) // 2, segs)) == 3 and stored[3] == 3 + 3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -278,8 +277,7 @@ def test_waves_decode_the_same_words_with_bounded_scratch_and_never_reread_relea
     ws = word_size(dtype)
     method, stored = compress1(payload.tobytes(), ws, segs, dtype)
     assert method == entropy.METHOD_PLANES
-    n_pieces = len(entropy._pieces(payload.size, segs))
-    assert n_pieces >= 5
+    assert stored[3] >= 5  # the piece count (a one-byte varint here): bands of the two tensors, runs between
     take, taken, most = entropy._SCRATCH.take, [], {}
     monkeypatch.setattr(entropy._SCRATCH, "take", lambda k: taken.append(k) or take(k))
     for wave in (1, 25_000, 10 ** 9):  # a piece per wave, a few, the whole section in one

@@ -189,9 +189,10 @@ def test_canonical_form_does_not_depend_on_the_symmetries(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_reader_rebuilds_the_embedding_carrier_in_place(family, tmp_path):
-    """The reader decodes the embeddings' payload behind k(k-1)/2 words of room and the decoder rebuilds the
-    carrier there (no second buffer): the result must equal the codec's canonical words, word for word."""
+def test_reader_rebuilds_every_carrier_in_place(family, tmp_path):
+    """The reader decodes each group's payload behind its structural zeros' worth of room and the decoder moves the
+    tensors down and rebuilds the carriers there (no second buffer): the result must equal the codec's canonical
+    words, word for word, and a group's tensors must tile one buffer of exactly the group's size."""
     import bbformat
 
     desc = _desc(family)
@@ -201,10 +202,20 @@ def test_reader_rebuilds_the_embedding_carrier_in_place(family, tmp_path):
     dec = get_codec("exact").decoder(desc, dtype)
     emb = carriers(desc)["emb"]
     assert dec.payload_room("embed", "initial") == emb.zeros > 0
-    assert all(dec.payload_room(g, "block") == 0 for g in desc.groups() if g.startswith("layer."))
+    for g in desc.groups():
+        if g.startswith("layer."):
+            zeros = sum(c.zeros for c in carriers(desc).values() if c.tensor in {t.name for t in desc.group_tensors(g)})
+            assert dec.payload_room(g, "block") == zeros > 0
     path = tmp_path / "m.bbf"
     bbformat.save(orig, str(path), model=desc, codec="exact", dtype=dtype)
     loaded = bbformat.load(str(path))
     for g, e in encoded.items():
         for name, words in e.canonical.items():
             assert np.array_equal(to_words(loaded[name], dtype), words), name
+    with bbformat.open(str(path)) as f:
+        for g in desc.groups():
+            ts = [f.group(g)[t.name] for t in desc.group_tensors(g)]
+            starts = [t.data_ptr() for t in ts]
+            assert starts == sorted(starts), g
+            for a, b in zip(ts, ts[1:]):  # back to back, in model order
+                assert a.data_ptr() + a.numel() * a.element_size() == b.data_ptr(), g

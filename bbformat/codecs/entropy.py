@@ -61,7 +61,7 @@ MIN_SEARCH_WORDS = 4096  # smaller 2-D segments are coded as runs of words
 _BASE_SAMPLE = 2048  # words of a line its base and histogram are estimated from
 MAX_ESCAPE_FRACTION = 1 / 16  # more escapes than this: nibbles lose, code the exponent bytes instead
 _PARALLEL_BYTES = 1 << 24  # smaller sections decode on the calling thread (the reader runs groups in parallel)
-MAX_PIECE_WORDS = 1 << 22  # larger 2-D segments are coded as bands of rows (4M words, 8-16 MB)
+MAX_PIECE_WORDS = 1 << 22  # method 1 codes larger 2-D segments as bands of rows (4M words, 8-16 MB): `_bands`
 WAVE_WORDS = 1 << 23  # a section decodes this many words at a time (whole pieces): its scratch, ~16-32 MB
 
 _DTYPE_WORD_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -390,17 +390,20 @@ def _pieces(n: int, segments: Sequence[Segment]) -> list[_Piece]:
             raise BBFError(f"segment {s} overlaps another or lies outside the {n}-word payload")
         run(pos, s.offset)
         if s.rows > 1 and s.rows * s.cols >= MIN_SEARCH_WORDS:
-            # a large tensor is cut into bands of rows: a piece's streams are decoded whole, so the size of a
-            # piece bounds a reader's scratch (and the writer's), whatever the model's size
-            bands = -(-s.rows * s.cols // MAX_PIECE_WORDS)
-            step = -(-s.rows // bands)
-            for r in range(0, s.rows, step):
-                pieces.append(_Piece(s.offset + r * s.cols, min(step, s.rows - r), s.cols))
+            pieces.append(_Piece(s.offset, s.rows, s.cols))
         else:
             run(s.offset, s.offset + s.rows * s.cols)
         pos = s.offset + s.rows * s.cols
     run(pos, n)
     return pieces
+
+
+def _bands(p: _Piece) -> list[tuple[int, int]]:
+    """Row ranges cutting a piece into bands of at most MAX_PIECE_WORDS words (as few as that allows, of nearly
+    equal height). A reader decodes a piece's streams whole, so the largest piece bounds its scratch memory (and
+    the writer's), whatever the model's size."""
+    step = -(-p.rows // -(-p.size // MAX_PIECE_WORDS))
+    return [(r, min(p.rows, r + step)) for r in range(0, p.rows, step)]
 
 
 def _exp_shift(dtype: str) -> int:
@@ -518,30 +521,35 @@ def _encode_words(words: np.ndarray, segments: Sequence[Segment], dtype: str, le
 
     def model(nibbles: bool) -> tuple[list, list, int]:
         plans, coded, n_esc = [], [], 0
-        for p in _pieces(n, segments):
-            grid = top[p.offset:p.offset + p.size].reshape(p.rows, p.cols)
-            bases, classes = _plan(grid, p, shift, nibbles)
-            shifted = bases << np.uint8(shift)
-            res = grid - (shifted[None, :] if p.by_cols else shifted[:, None])
-            streams, escapes = [], []
-            for c in range(p.n_classes):  # a class's rows; or, by_cols, its columns row by row
-                sel = classes == c
-                r, t = (res[:, sel], grid[:, sel]) if p.by_cols else (res[sel], grid[sel])
-                r, t = r.reshape(-1), t.reshape(-1)
-                if nibbles:
-                    esc = r >= ESCAPE
-                    escapes.append(t[esc])
-                    r = np.where(esc, np.uint8(ESCAPE), r)
-                    if r.size & 1:
-                        r = np.append(r, np.uint8(0))
-                    r = r[0::2] | (r[1::2] << np.uint8(4))
-                else:
-                    escapes.append(np.zeros(0, np.uint8))
-                streams.append(r)
-            p.escapes = tuple(e.size for e in escapes)
-            n_esc += sum(p.escapes)
-            plans.append(p)
-            coded.append((bases, classes, streams, escapes))
+        for whole in _pieces(n, segments):
+            grid_all = top[whole.offset:whole.offset + whole.size].reshape(whole.rows, whole.cols)
+            bases_all, classes_all = _plan(grid_all, whole, shift, nibbles)  # one plan per tensor, for its bands
+            for r0, r1 in _bands(whole):
+                p = _Piece(whole.offset + r0 * whole.cols, r1 - r0, whole.cols, whole.by_cols, whole.n_classes)
+                grid = grid_all[r0:r1]
+                bases, classes = (bases_all, classes_all) if p.by_cols else (bases_all[r0:r1], classes_all[r0:r1])
+                shifted = bases << np.uint8(shift)
+                res = grid - (shifted[None, :] if p.by_cols else shifted[:, None])
+                streams, escapes = [], []
+                for c in range(p.n_classes):  # a class's rows; or, by_cols, its columns row by row
+                    sel = classes == c
+                    r, t = (res[:, sel], grid[:, sel]) if p.by_cols else (res[sel], grid[sel])
+                    r, t = r.reshape(-1), t.reshape(-1)
+                    if nibbles:
+                        esc = r >= ESCAPE
+                        escapes.append(t[esc])
+                        r = np.where(esc, np.uint8(ESCAPE), r)
+                        if r.size & 1:
+                            r = np.append(r, np.uint8(0))
+                        r = r[0::2] | (r[1::2] << np.uint8(4))
+                    else:
+                        escapes.append(np.zeros(0, np.uint8))
+                    streams.append(r)
+                del res
+                p.escapes = tuple(e.size for e in escapes)
+                n_esc += sum(p.escapes)
+                plans.append(p)
+                coded.append((bases, classes, streams, escapes))
         return plans, coded, n_esc
 
     nibbles = shift == 0

@@ -333,19 +333,11 @@ class _ExactDecoder(GroupDecoder):
         parts = [tensors[t.name].reshape(-1) for t in self._layout(group).tensors]
         return np.concatenate(parts) if parts else np.zeros(0, word_np_dtype(self.dtype))
 
-    def _inplace_carrier(self, group: str) -> Carrier | None:
-        """The carrier that can be rebuilt in place: the group's only carrier, its first tensor, on axis 1 (the
-        embeddings). Every later tensor then sits at its final offset when the payload is decoded behind
-        k(k-1)/2 words of room (SPEC 12: its stored form is the triangle, then the rows outside the block)."""
-        layout = self._layout(group)
-        if len(layout.carriers) != 1 or not layout.tensors:
-            return None
-        c = layout.carriers.get(layout.tensors[0].name)
-        return c if c is not None and c.axis == 1 else None
-
     def payload_room(self, group: str, kind: str) -> int:
-        c = self._inplace_carrier(group)
-        return c.zeros if c is not None and kind == self.codec.sections_for(group)[0] else 0
+        """Words of room before the payload: the group's structural zeros. Every tensor then moves down (or stays)
+        into its final place in the same buffer, so a group decodes into exactly its own size (a copy per
+        carrier would leave its stored part unused: 0.6 GB over a whole 7B model)."""
+        return self._layout(group).saved if kind == self.codec.sections_for(group)[0] else 0
 
     def decode_tensors(self, group: str, sections: dict[str, bytes], rooms: dict[str, np.ndarray] | None = None,
                        alloc=None) -> dict[str, np.ndarray]:
@@ -364,9 +356,8 @@ class _ExactDecoder(GroupDecoder):
                               f"is not empty")
         payload = np.frombuffer(data, dtype=wd)
         room = (rooms or {}).get(kind)
-        c0 = self._inplace_carrier(group)
-        if room is not None and c0 is not None and room.size == layout.numel and room.dtype == wd:
-            return self._rebuild_in_place(layout, c0, room)
+        if room is not None and room.size == layout.numel and room.dtype == wd:
+            return _rebuild_in_place(layout, room)
         out, src = {}, 0
         for t in layout.tensors:
             c = layout.carriers.get(t.name)
@@ -383,24 +374,51 @@ class _ExactDecoder(GroupDecoder):
                 src += part.size
         return out
 
-    @staticmethod
-    def _rebuild_in_place(layout: _Layout, c: Carrier, buf: np.ndarray) -> dict[str, np.ndarray]:
-        """buf = [k(k-1)/2 words of room | triangle | W[:s] | W[s+k:] | later tensors] -> the final words.
 
-        W[s+k:] and the later tensors are already where they belong; W[:s] moves to the front (in chunks no
-        longer than the distance moved, so source and destination never overlap) and the block is filled."""
-        k, s, cols = c.k, c.start, c.shape[1]
-        tri = buf[c.zeros: c.zeros + k * (k + 1) // 2].copy()
-        src, length = k * k, s * cols  # W[:s] starts after room + triangle = k*k words
-        for a in range(0, length, src):
-            b = min(length, a + src)
-            buf[a:b] = buf[src + a: src + b]
-        _fill_block(c, buf, tri)
-        out, off = {}, 0
-        for t in layout.tensors:
-            out[t.name] = buf[off: off + t.numel].reshape(t.shape)
-            off += t.numel
-        return out
+def _move_down(buf: np.ndarray, src: int, dst: int, n: int) -> None:
+    """buf[dst:dst + n] = buf[src:src + n] for dst <= src, in chunks no longer than the distance (no overlap, no
+    temporary)."""
+    step = src - dst
+    assert step >= 0, "a tensor never moves up"
+    if step == 0 or n == 0:
+        return
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        buf[dst + a:dst + b] = buf[src + a:src + b]
+
+
+def _rebuild_in_place(layout: _Layout, buf: np.ndarray) -> dict[str, np.ndarray]:
+    """buf = [Z words of room | the payload] (Z = the group's structural zeros) -> the group's words, in place.
+
+    Tensor t is stored at S_t = F_t + Z - (zeros of the carriers before t) >= F_t, its final offset, so the tensors
+    move down in order and no move overwrites bytes not yet moved. A carrier's triangle is copied out first (it is
+    small: k(k+1)/2 words), its other rows move down, then its block is filled (SPEC 12.3)."""
+    out, final, src = {}, 0, layout.saved
+    for t in layout.tensors:
+        c = layout.carriers.get(t.name)
+        if c is None:
+            _move_down(buf, src, final, t.numel)
+            src += t.numel
+        else:
+            k, n1 = c.k, c.shape[1]
+            ntri = k * (k + 1) // 2
+            tri = buf[src:src + ntri].copy()
+            src += ntri
+            if c.axis == 1:  # rows outside the block: W[:s], then W[s + k:]
+                head, tail = c.start * n1, (c.shape[0] - c.start - k) * n1
+                _move_down(buf, src, final, head)
+                _move_down(buf, src + head, final + head + k * n1, tail)
+                src += head + tail
+            else:  # row r: the block's row r (filled below), then W[r, k:]
+                rest = n1 - k
+                for r in range(c.shape[0]):
+                    _move_down(buf, src + r * rest, final + r * n1 + k, rest)
+                src += c.shape[0] * rest
+            _fill_block(c, buf[final:final + t.numel], tri)
+        out[t.name] = buf[final:final + t.numel].reshape(t.shape)
+        final += t.numel
+    assert src == layout.numel and final == layout.numel
+    return out
 
 
 @register_codec
