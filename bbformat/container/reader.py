@@ -31,7 +31,7 @@ from ..io.fetch import FetchOptions, Prefetcher
 from ..io.store import BufferStore, Store, open_store
 
 
-_CRC_SLAB = 1 << 23
+_CRC_SLAB = 1 << 23  # checksums are computed this many bytes at a time, each slab dropped once read (`_crc`)
 
 
 class BBFReader:
