@@ -645,12 +645,13 @@ def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, base_ref, clas
     streams and its window of the low planes, then its words. Scratch is one wave's, not the section's, and the
     stored bytes a wave used are handed to `release(start, end)` (a store may drop them) as soon as it is done."""
     out = np.empty(n, _WORD[ws]) if dest is None else dest.view(_WORD[ws])  # every word is written below
-    waves, cur = [], []
+    waves, cur, size = [], [], 0
     for i, p in enumerate(pieces):
-        if cur and sum(pieces[j].size for j in cur) + p.size > WAVE_WORDS:
+        if cur and size + p.size > WAVE_WORDS:
             waves.append(cur)
-            cur = []
+            cur, size = [], 0
         cur.append(i)
+        size += p.size
     waves.append(cur)
 
     def window(wave: list[int]) -> tuple[int, int]:  # the chunk-aligned word range a wave's planes are decoded over
@@ -665,31 +666,26 @@ def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, base_ref, clas
     small = [r for r in (base_ref, class_ref, esc_ref) if not r.stored]
     area = _SCRATCH.take(sum(r.raw_len for r in small) + max(wave_scratch(w) for w in waves))
     try:
-        used = [0]
-
-        def alloc(k: int) -> np.ndarray:
-            used[0] += k
-            return area[used[0] - k:used[0]]
-
+        alloc = _Carve(area)
         # the per-line and escape streams are small (a byte per line, a byte per escape): all of them up front
         tasks: list = []
         bases = _stream_array(stored, data0, base_ref, tasks, "base stream", alloc)
         classes = _stream_array(stored, data0, class_ref, tasks, "class stream", alloc)
         esc = _stream_array(stored, data0, esc_ref, tasks, "escape stream", alloc)
         _run(tasks, parallel)
-        line0, esc0, fixed = [0], [0], used[0]
+        line0, esc0, fixed = 0, 0, alloc.used
         lines_at, escs_at = [], []
         for p in pieces:
-            lines_at.append(line0[0])
-            line0[0] += p.n_lines
+            lines_at.append(line0)
+            line0 += p.n_lines
             escs = []
             for c in range(p.n_classes):
-                escs.append(esc[esc0[0]:esc0[0] + p.escapes[c]])
-                esc0[0] += p.escapes[c]
+                escs.append(esc[esc0:esc0 + p.escapes[c]])
+                esc0 += p.escapes[c]
             escs_at.append(escs)
-        released = [None] * len(plane_refs)  # per plane: the stored offset up to which it was handed back
+        released = [0] * len(plane_refs)  # per plane: how many of its chunks were handed back
         for w, wave in enumerate(waves):
-            used[0] = fixed
+            alloc.used = fixed  # the wave's streams reuse the previous wave's scratch
             a, b = window(wave)
             # 1. zstd: the wave's symbol streams and its window of every low plane (stored chunks are views)
             tasks = []
@@ -709,13 +705,12 @@ def _assemble_words(stored, data0, n, ws, shift, nibbles, pieces, base_ref, clas
                 spans = [(c[2], c[2] + c[3]) for i in wave for r in sym_refs[i] for c in r.chunks]
                 if spans:  # the wave's symbol streams are contiguous in the stored bytes
                     release(data0 + min(s for s, _ in spans), data0 + max(e for _, e in spans))
-                nxt = window(waves[w + 1])[0] if w + 1 < len(waves) else n
+                upto = -(-(window(waves[w + 1])[0] if w + 1 < len(waves) else n) // chunk)
                 for k, ref in enumerate(plane_refs):  # the plane chunks no later wave reads
-                    done = [c for c in ref.chunks if c[0] + c[1] <= nxt]
+                    done = ref.chunks[released[k]:upto]
                     if done:
-                        lo_at = ref.chunks[0][2] if released[k] is None else released[k]
-                        released[k] = done[-1][2] + done[-1][3]
-                        release(data0 + lo_at, data0 + released[k])
+                        release(data0 + done[0][2], data0 + done[-1][2] + done[-1][3])
+                    released[k] = max(released[k], upto)
     finally:
         _SCRATCH.give(area)
     return out.view(np.uint8)
@@ -732,6 +727,17 @@ def _plane_window(stored, data0: int, ref: _StreamRef, a: int, b: int, chunk: in
     for c in ref.chunks[a // chunk: -(-b // chunk)]:
         tasks.append(lambda c=c: _decode_chunk(stored, data0, (c[0] - a, *c[1:]), buf, what))
     return buf
+
+
+class _Carve:
+    """Consecutive slices of one scratch buffer: `carve(k)` is its next k bytes; setting `used` back reuses them."""
+
+    def __init__(self, area: np.ndarray):
+        self.area, self.used = area, 0
+
+    def __call__(self, k: int) -> np.ndarray:
+        self.used += k
+        return self.area[self.used - k:self.used]
 
 
 class _ScratchPool:

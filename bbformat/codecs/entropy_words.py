@@ -310,12 +310,7 @@ def decode(stored: memoryview, n: int, ws: int, dtype: str, dest: np.ndarray | N
     area = planes._SCRATCH.take(sum(ref.raw_len for ref in (base_ref, class_ref, table_ref, esc_ref)
                                     if not ref.stored))
     try:
-        used = [0]
-
-        def alloc(k: int) -> np.ndarray:
-            used[0] += k
-            return area[used[0] - k:used[0]]
-
+        alloc = planes._Carve(area)
         tasks: list = []
         bases = planes._stream_array(stored, data0, base_ref, tasks, "base stream", alloc)
         classes = planes._stream_array(stored, data0, class_ref, tasks, "class stream", alloc)

@@ -376,12 +376,13 @@ class _ExactDecoder(GroupDecoder):
 
 
 def _move_down(buf: np.ndarray, src: int, dst: int, n: int) -> None:
-    """buf[dst:dst + n] = buf[src:src + n] for dst <= src, in chunks no longer than the distance (no overlap, no
-    temporary)."""
-    step = src - dst
-    assert step >= 0, "a tensor never moves up"
-    if step == 0 or n == 0:
+    """buf[dst:dst + n] = buf[src:src + n] for dst <= src, front to back in chunks of at least 2^20 words (numpy
+    buffers a chunk that overlaps its source, so a short distance costs neither a word-by-word loop nor a
+    tensor-sized temporary)."""
+    assert src >= dst, "a tensor never moves up"
+    if src == dst or n == 0:
         return
+    step = max(src - dst, 1 << 20)
     for a in range(0, n, step):
         b = min(n, a + step)
         buf[dst + a:dst + b] = buf[src + a:src + b]
