@@ -5,6 +5,7 @@
  * decode: a piece's symbol streams (one per class of lines) + bases + escapes + the low byte planes -> words
  * rans_table / rans_encode / rans_decode / pack_bits: entropy method 2 (rANS over one symbol per word)
  * triangle: an `exact` carrier's packed triangle -> its k x k block
+ * tied_restore: `exact`'s tied head, predicted words + residual words -> its words (SPEC.md 12.6)
  * crc32:  zlib.crc32
  *
  * Every length is checked before any memory is touched; the GIL is released while the loops run.
@@ -622,6 +623,217 @@ static PyObject *triangle(PyObject *self, PyObject *args) {
 }
 
 
+/* tied_restore(out, e, c, nibbles, escapes, rest, rows, n, kind): `exact`'s tied head (SPEC.md 12.6). Row r of
+ * out (n + m words): word j < n is the prediction word(f32(e[r, j]) * c[j]) (a float32 product, then the word
+ * dtype, both to nearest even) corrected by its residual z: the residuals, row-major, are nibbles (low nibble first),
+ * 15 meaning "the next word of `escapes`"; the difference of the words' value-order keys is z unzigzagged. Words
+ * n.. are rest[r]. kind: 0 bfloat16, 1 float16, 2 float32. */
+static inline uint16_t f32_to_f16(uint32_t x) {
+    const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u : 0)); /* inf (nan) */
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);             /* >= 65520: rounds to inf */
+    if (a >= 0x38800000u) {                                               /* normal: rebias, round 13 bits */
+        const uint32_t r = a - 0x38000000u;
+        return (uint16_t)(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+    }
+    if (a < 0x33000000u) return (uint16_t)sign;                           /* <= 2^-25: rounds to zero */
+    const uint32_t e = a >> 23, mant = (a & 0x7FFFFFu) | 0x800000u, s = 126 - e; /* subnormal: mant >> s */
+    uint32_t q = mant >> s;
+    const uint32_t rem = mant & ((1u << s) - 1), half = 1u << (s - 1);
+    if (rem > half || (rem == half && (q & 1u))) q++;
+    return (uint16_t)(sign | q);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    uint32_t b;
+    if (e == 0) {
+        if (!m) b = sign;
+        else { /* subnormal: normalise */
+            int sh = 0;
+            uint32_t mm = m;
+            while (!(mm & 0x400u)) { mm <<= 1; sh++; }
+            b = sign | ((uint32_t)(113 - sh) << 23) | ((mm & 0x3FFu) << 13);
+        }
+    } else if (e == 31) b = sign | 0x7F800000u | (m << 13);
+    else b = sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline uint16_t tied_pred16(uint16_t ew, float c, int kind) {
+    float x, p;
+    uint32_t b;
+    if (kind == 0) {
+        b = (uint32_t)ew << 16;
+        memcpy(&x, &b, 4);
+        p = x * c;
+        memcpy(&b, &p, 4);
+        return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    }
+    p = f16_to_f32(ew) * c;
+    memcpy(&b, &p, 4);
+    return f32_to_f16(b);
+}
+
+/* branch-free: the signs are random, a branch on them mispredicts half the time */
+static inline uint16_t tied_apply16(uint16_t w, uint16_t z) {
+    const uint16_t key = w ^ (uint16_t)((uint16_t)((int16_t)w >> 15) | 0x8000u);
+    const uint16_t k = (uint16_t)(key + (uint16_t)((z >> 1) ^ (uint16_t)(0u - (z & 1u))));
+    return k ^ (uint16_t)((uint16_t)~(uint16_t)((int16_t)k >> 15) | 0x8000u);
+}
+
+static inline uint32_t tied_apply32(uint32_t w, uint32_t z) {
+    const uint32_t key = w ^ ((uint32_t)((int32_t)w >> 31) | 0x80000000u);
+    const uint32_t k = key + ((z >> 1) ^ (0u - (z & 1u)));
+    return k ^ (~(uint32_t)((int32_t)k >> 31) | 0x80000000u);
+}
+
+/* The residuals being read: nibbles from index g on, escapes from e on. */
+typedef struct {
+    const uint8_t *nib, *esc;
+    Py_ssize_t g, e, n_esc;
+    int ws, bad;
+} Resid;
+
+static inline uint32_t resid_next(Resid *r) {
+    const uint32_t v = (r->nib[r->g >> 1] >> (4 * (r->g & 1))) & 15u;
+    r->g++;
+    if (v != 15) return v;
+    if (r->e >= r->n_esc) { r->bad |= 2; return 0; }
+    const uint8_t *p = r->esc + r->e++ * r->ws;
+    return r->ws == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 8
+                      : (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static int tied_avx2_ok = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_TIED_AVX2 1
+/* One row with AVX2 + F16C, 8 words at a time from an even nibble index (the same IEEE conversions, to nearest
+ * even, as the scalar path); a group with an escape is finished word by word. Returns the non-finite flag. */
+__attribute__((target("avx2,f16c"))) static uint32_t tied_row16_avx2(uint16_t *o, const uint16_t *e, const float *c,
+                                                                      Py_ssize_t n, int kind, Resid *rs,
+                                                                      Py_ssize_t nib_len) {
+    const __m128i top = _mm_set1_epi16((short)0x8000), one = _mm_set1_epi16(1), ones = _mm_set1_epi16(-1);
+    const __m128i fifteen = _mm_set1_epi16(15), expm = _mm_set1_epi16(kind == 0 ? 0x7F80 : 0x7C00);
+    __m128i nonfinite = _mm_setzero_si128();
+    uint32_t bad = 0;
+    Py_ssize_t j = 0;
+    if ((rs->g & 1) && n) {
+        bad |= (e[0] & (kind == 0 ? 0x7F80u : 0x7C00u)) == (kind == 0 ? 0x7F80u : 0x7C00u);
+        o[0] = tied_apply16(tied_pred16(e[0], c[0], kind), (uint16_t)resid_next(rs));
+        j = 1;
+    }
+    for (; j + 8 <= n && (rs->g >> 1) + 4 <= nib_len; j += 8) { /* (a group reads 4 nibble bytes) */
+        const __m128i ew = _mm_loadu_si128((const __m128i *)(e + j));
+        nonfinite = _mm_or_si128(nonfinite, _mm_cmpeq_epi16(_mm_and_si128(ew, expm), expm));
+        const __m256 cf = _mm256_loadu_ps(c + j);
+        __m128i w;
+        if (kind == 0) {
+            const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(ew), 16));
+            const __m256i b = _mm256_castps_si256(_mm256_mul_ps(x, cf));
+            const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)),
+                                                _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1))), 16);
+            w = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        } else {
+            w = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(ew), cf), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        uint32_t four;
+        memcpy(&four, rs->nib + (rs->g >> 1), 4);
+        const __m128i x4 = _mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)four));
+        const __m128i zw = _mm_or_si128(_mm_and_si128(x4, _mm_set1_epi32(15)), _mm_slli_epi32(_mm_srli_epi32(x4, 4), 16));
+        if (_mm_movemask_epi8(_mm_cmpeq_epi16(zw, fifteen))) { /* an escape: word by word */
+            uint16_t pw[8];
+            _mm_storeu_si128((__m128i *)pw, w);
+            for (int t = 0; t < 8; t++) o[j + t] = tied_apply16(pw[t], (uint16_t)resid_next(rs));
+            continue;
+        }
+        rs->g += 8;
+        const __m128i key = _mm_xor_si128(w, _mm_or_si128(_mm_srai_epi16(w, 15), top));
+        const __m128i d = _mm_xor_si128(_mm_srli_epi16(zw, 1), _mm_sub_epi16(_mm_setzero_si128(), _mm_and_si128(zw, one)));
+        const __m128i k = _mm_add_epi16(key, d);
+        _mm_storeu_si128((__m128i *)(o + j), _mm_xor_si128(k, _mm_or_si128(_mm_xor_si128(_mm_srai_epi16(k, 15), ones), top)));
+    }
+    bad |= _mm_movemask_epi8(nonfinite) != 0;
+    const uint32_t mask = kind == 0 ? 0x7F80u : 0x7C00u;
+    for (; j < n; j++) {
+        bad |= (e[j] & mask) == mask;
+        o[j] = tied_apply16(tied_pred16(e[j], c[j], kind), (uint16_t)resid_next(rs));
+    }
+    return bad;
+}
+#endif
+
+static PyObject *tied_restore(PyObject *self, PyObject *args) {
+    Py_buffer out, e, c, nb, eb, rest;
+    Py_ssize_t rows, n;
+    int kind;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*nni", &out, &e, &c, &nb, &eb, &rest, &rows, &n, &kind)) return NULL;
+    const char *err = NULL;
+    const Py_ssize_t ws = kind == 2 ? 4 : 2;
+    if (kind < 0 || kind > 2 || rows < 0 || n < 0 || c.len != n * 4 || (rows && n > e.len / ws / rows) ||
+        e.len != rows * n * ws || nb.len != (rows * n + 1) / 2 || eb.len % ws ||
+        (rows && out.len % (rows * ws)) || (rows && out.len / (rows * ws) < n) ||
+        (rows && rest.len != rows * (out.len / (rows * ws) - n) * ws) || (!rows && (out.len || rest.len))) {
+        err = "tied_restore: inconsistent sizes";
+    } else if (rows) {
+        const Py_ssize_t ld = out.len / (rows * ws), m = ld - n;
+        const float *cf = (const float *)c.buf;
+        Resid rs = {(const uint8_t *)nb.buf, (const uint8_t *)eb.buf, 0, 0, eb.len / ws, (int)ws, 0};
+        uint32_t nonfinite = 0; /* a non-finite embedding word (a valid file has none: SPEC 12.2) */
+        const uint32_t mask = kind == 0 ? 0x7F80u : kind == 1 ? 0x7C00u : 0x7F800000u;
+        Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_TIED_AVX2
+        const unsigned csr = _mm_getcsr();
+        _mm_setcsr(csr & ~0x8040u); /* IEEE products: no flush-to-zero, no denormals-are-zero (SPEC 12.6) */
+#endif
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            if (ws == 2) {
+                const uint16_t *er = (const uint16_t *)e.buf + r * n;
+                uint16_t *o = (uint16_t *)out.buf + r * ld;
+#ifdef HAVE_TIED_AVX2
+                if (tied_avx2_ok) nonfinite |= tied_row16_avx2(o, er, cf, n, kind, &rs, nb.len);
+                else
+#endif
+                for (Py_ssize_t j = 0; j < n; j++) {
+                    nonfinite |= (er[j] & mask) == mask;
+                    o[j] = tied_apply16(tied_pred16(er[j], cf[j], kind), (uint16_t)resid_next(&rs));
+                }
+                memcpy(o + n, (const uint16_t *)rest.buf + r * m, (size_t)(m * 2));
+            } else {
+                const uint32_t *er = (const uint32_t *)e.buf + r * n;
+                uint32_t *o = (uint32_t *)out.buf + r * ld;
+                for (Py_ssize_t j = 0; j < n; j++) {
+                    float x, p;
+                    uint32_t w;
+                    nonfinite |= (er[j] & mask) == mask;
+                    memcpy(&x, er + j, 4);
+                    p = x * cf[j];
+                    memcpy(&w, &p, 4);
+                    o[j] = tied_apply32(w, resid_next(&rs));
+                }
+                memcpy(o + n, (const uint32_t *)rest.buf + r * m, (size_t)(m * 4));
+            }
+        }
+#ifdef HAVE_TIED_AVX2
+        _mm_setcsr(csr);
+#endif
+        Py_END_ALLOW_THREADS
+        if (nonfinite) err = "tied_restore: the embeddings hold a non-finite word";
+        else if (rs.bad || rs.e != rs.n_esc) err = "tied_restore: the residuals' escapes do not match their nibbles";
+        else if (((rows * n) & 1) && (((const uint8_t *)nb.buf)[nb.len - 1] >> 4)) err = "tied_restore: the last nibble byte's padding is not 0";
+    }
+    PyBuffer_Release(&out); PyBuffer_Release(&e); PyBuffer_Release(&c); PyBuffer_Release(&nb);
+    PyBuffer_Release(&eb); PyBuffer_Release(&rest);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* crc32(data, value=0) -> zlib.crc32(data, value), folded with carry-less multiplies (PCLMULQDQ) where the CPU has
  * them: ~4x zlib's speed, and every section's checksum is checked on every read. The folding constants are those
  * of Intel's "Fast CRC Computation Using PCLMULQDQ" for the reflected polynomial 0xEDB88320. */
@@ -763,6 +975,7 @@ static PyMethodDef methods[] = {
     {"rans_decode", rans_decode, METH_VARARGS, "Method-2 rANS: one chunk -> its words."},
     {"pack_bits", pack_bits, METH_VARARGS, "The low bits of each word, bit-packed LSB first."},
     {"triangle", triangle, METH_VARARGS, "A packed triangle -> its k x k block of words, zeros included."},
+    {"tied_restore", tied_restore, METH_VARARGS, "exact's tied head: predicted + residual words -> its words."},
     {"crc32", crc32, METH_VARARGS, "zlib.crc32(data, value), with carry-less multiplies where the CPU has them."},
     {NULL, NULL, 0, NULL},
 };
@@ -772,6 +985,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "bbformat
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     crc_init();
+#ifdef HAVE_TIED_AVX2
+    __builtin_cpu_init();
+    tied_avx2_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                   !getenv("BBF_NO_AVX2"); /* (the tests compare both paths) */
+#endif
 #ifdef HAVE_CLMUL_PATH
     __builtin_cpu_init();
     clmul_ok = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse2");

@@ -449,8 +449,9 @@ def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 
 def base_files() -> dict[str, bytes]:
-    """Small files for every codec, both families, every word dtype, both compression methods, with aux sections
-    and (bitsback) correction records: a load takes a few milliseconds."""
+    """Small files for every codec, both families, every word dtype, both compression methods, with aux sections,
+    (bitsback) correction records and an `exact` tied head (SPEC 12.6): a load takes a few milliseconds."""
+    import dataclasses
     import tempfile
     from pathlib import Path
 
@@ -465,9 +466,13 @@ def base_files() -> dict[str, bytes]:
                 ("exact-llama-bf16", "llama", "exact", torch.bfloat16, None, "auto"),
                 ("bitsback-llama-f16", "llama", "bitsback", torch.float16, {"threshold": 0.0003}, "auto"),
                 ("exact-opt-f32", "opt", "exact", torch.float32, None, "auto"),
-                ("small-llama-bf16", "llama", "exact", torch.bfloat16, None, "small")):  # entropy method 2
+                ("small-llama-bf16", "llama", "exact", torch.bfloat16, None, "small"),  # entropy method 2
+                ("tied-llama-f16", "llama", "exact", torch.float16, None, "auto")):
             desc = tiny_desc(fam, num_layers=2, hidden_size=32, vocab_size=128, widths=(24, 16, 28))
-            tensors = random_slicegpt(desc, seed=1, dtype=dtype)
+            tied = name.startswith("tied")
+            if tied:  # the source tied its head: the head is stored as residuals against the embeddings
+                desc = dataclasses.replace(desc, tie_word_embeddings=True)
+            tensors = random_slicegpt(desc, seed=1, dtype=dtype, tied=tied)
             p = Path(d) / f"{name}.bbf"
             save(tensors, str(p), model=desc, codec=codec, codec_params=params, aux=aux, compression=compression)
             out[name] = p.read_bytes()

@@ -5,6 +5,8 @@
 - `rans_table`, `rans_encode`, `rans_decode`, `pack_bits`: entropy method 2's static rANS (SPEC.md 13.8). Its
   Python reference loops per word: correct, but only for small inputs (writers use method 2 only when compiled).
 - `crc32`: zlib.crc32, folded with carry-less multiplies where the CPU has them (~4x faster).
+- `tied_predict`, `tied_residuals`, `tied_pack`, `tied_restore`: `exact`'s tied head (SPEC.md 12.6): predicted
+  words, the residuals that make them exact, their nibbles and escapes, and the decoder's fused loop.
 
 The compiled module is used when it is importable, else the numpy/zlib versions (same results, slower). Both raise
 ValueError on inconsistent input; the tests check that they agree. Set BBF_NO_C_KERNELS=1 to force the reference.
@@ -211,6 +213,102 @@ def rans_decode_py(out, ws, word0, cols, by_cols, pos0, n, classes, bases, table
     o.view(wd)[word0 + pos0:word0 + pos0 + n] = w.astype(wd)
 
 
+# `exact`'s tied head (SPEC.md 12.6): word -> float32 value, exactly; float32 -> word, to nearest even
+TIED_KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
+
+
+def _f32(words: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (words.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return words.view(np.float16).astype(np.float32) if dtype == "float16" else words.view(np.float32)
+
+
+def _from_f32(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # (finite or inf: a product of finite values is never nan)
+        b = x.view(np.uint32)
+        return ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return x.astype(np.float16).view(np.uint16) if dtype == "float16" else x.view(np.uint32)
+
+
+def tied_predict(e, c, dtype: str) -> np.ndarray:
+    """Predicted words: word(f32(e[r, j]) * c[j]), both steps rounded to nearest even; e (rows, n) words, c (n,)
+    float32."""
+    with np.errstate(over="ignore"):  # overflow predicts inf: still a word the residual corrects
+        return _from_f32(_f32(np.asarray(e), dtype) * np.asarray(c, np.float32)[None, :], dtype)
+
+
+def _key(w: np.ndarray) -> np.ndarray:
+    """Sign-magnitude words -> unsigned integers in the order of their values (-0 just below +0)."""
+    top = w.dtype.type(1 << (8 * w.itemsize - 1))
+    return w ^ np.where(w & top, w.dtype.type(~0 & ((1 << 8 * w.itemsize) - 1)), top)
+
+
+def _unkey(k: np.ndarray) -> np.ndarray:
+    top = k.dtype.type(1 << (8 * k.itemsize - 1))
+    return k ^ np.where(k & top, top, k.dtype.type(~0 & ((1 << 8 * k.itemsize) - 1)))
+
+
+def tied_residuals(w, p) -> np.ndarray:
+    """Residual words z with tied_restore(p, z) == w: the key difference mod 2^bits, zigzagged."""
+    w, p = np.asarray(w), np.asarray(p)
+    bits = 8 * w.itemsize
+    d = (_key(w) - _key(p)).view(np.int16 if bits == 16 else np.int32)
+    return ((d << 1) ^ (d >> (bits - 1))).view(w.dtype)
+
+
+def _restore(p: np.ndarray, z: np.ndarray) -> np.ndarray:
+    d = (z >> z.dtype.type(1)) ^ (z.dtype.type(0) - (z & z.dtype.type(1)))
+    return _unkey(_key(p) + d)
+
+
+TIED_ESCAPE = 15  # a residual nibble: the residual is the next word of the escapes
+
+
+def tied_pack(z: np.ndarray) -> tuple[bytes, bytes]:
+    """Residual words (any shape, row-major) -> (nibbles, escapes): SPEC 12.6's correction section."""
+    z = np.ascontiguousarray(z).reshape(-1)
+    nib = np.minimum(z, TIED_ESCAPE).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    esc = z[z >= TIED_ESCAPE]
+    return (nib[0::2] | (nib[1::2] << np.uint8(4))).tobytes(), esc.astype(esc.dtype.newbyteorder("<")).tobytes()
+
+
+def tied_unpack(nibbles, escapes, count: int, ws: int) -> np.ndarray:
+    """The inverse of tied_pack: `count` residual words."""
+    b = np.frombuffer(nibbles, np.uint8)
+    if b.size != (count + 1) // 2 or len(escapes) % ws:
+        raise ValueError("tied_restore: inconsistent sizes")
+    nib = np.empty(2 * b.size, np.uint8)
+    nib[0::2], nib[1::2] = b & 15, b >> 4
+    if count % 2 and nib[-1]:
+        raise ValueError("tied_restore: the last nibble byte's padding is not 0")
+    nib = nib[:count]
+    wd = {2: np.uint16, 4: np.uint32}[ws]
+    z = nib.astype(wd)
+    esc = np.frombuffer(escapes, np.dtype(wd).newbyteorder("<")).astype(wd)
+    where = np.flatnonzero(nib == TIED_ESCAPE)
+    if where.size != esc.size:
+        raise ValueError("tied_restore: the residuals' escapes do not match their nibbles")
+    z[where] = esc
+    return z
+
+
+def tied_restore_numpy(out, e, c, nibbles, escapes, rest, dtype: str) -> None:
+    """out (rows, n + m) words <- [restored words | rest]: row r's first n words from e[r] (rows, n), the scales c
+    (n float32) and the residuals (tied_pack's nibbles and escapes, row-major); its last m from rest[r]."""
+    rows, n = e.shape
+    m = out.shape[1] - n
+    if np.asarray(c).shape != (n,) or rest.shape != (rows, m) or out.shape[0] != rows:
+        raise ValueError("tied_restore: inconsistent sizes")
+    mask = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000}[dtype]
+    z = tied_unpack(nibbles, escapes, rows * n, e.itemsize).reshape(rows, n)
+    if np.any((e & e.dtype.type(mask)) == mask):
+        raise ValueError("tied_restore: the embeddings hold a non-finite word")
+    out[:, :n] = _restore(tied_predict(e, c, dtype), z)
+    out[:, n:] = rest
+
+
 def crc32_zlib(data, value: int = 0) -> int:
     return zlib.crc32(data, value) & 0xFFFFFFFF
 
@@ -236,8 +334,16 @@ try:
                     width) -> None:
         _kernels.rans_decode(out, ws, word0, cols, bool(by_cols), pos0, n, classes, bases, tables, stream, escapes,
                              raw, bit0, width)
+
+    def tied_restore(out, e, c, nibbles, escapes, rest, dtype: str) -> None:
+        rows, n = e.shape
+        if np.asarray(c).shape != (n,) or out.ndim != 2 or out.shape[0] != rows \
+                or rest.shape != (rows, out.shape[1] - n) or not out.flags.c_contiguous or out.dtype != e.dtype:
+            raise ValueError("tied_restore: inconsistent sizes")
+        _kernels.tied_restore(out, np.ascontiguousarray(e), np.ascontiguousarray(c, np.float32), nibbles, escapes,
+                              np.ascontiguousarray(rest), rows, n, TIED_KIND[dtype])
 except ImportError:  # not built (no C compiler at install time): the reference is correct, only slower
     COMPILED = False
-    decode, triangle, crc32 = decode_numpy, triangle_numpy, crc32_zlib
+    decode, triangle, crc32, tied_restore = decode_numpy, triangle_numpy, crc32_zlib, tied_restore_numpy
     rans_table, rans_encode, pack_bits, rans_decode = rans_table_numpy, rans_encode_py, pack_bits_numpy, \
         rans_decode_py

@@ -36,7 +36,8 @@ def test_the_engine_rebuilds_the_base_files_exactly(bases):
         assert fuzz.run(fuzz.Mutation("header", (), "set", base.header), base).outcome == "identical"
 
 
-@pytest.mark.parametrize("name", ["raw-opt-f16", "exact-llama-bf16", "bitsback-llama-f16", "exact-opt-f32"])
+@pytest.mark.parametrize("name", ["raw-opt-f16", "exact-llama-bf16", "bitsback-llama-f16", "exact-opt-f32",
+                                  "tied-llama-f16"])
 def test_structured_sweep(bases, name):
     """Every field, every header value, every boundary: refused with a BBFError or read identically."""
     base = bases[name]

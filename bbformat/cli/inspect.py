@@ -24,6 +24,8 @@ def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
     plain = sum(t.numel for t in m.tensors()) * ws
     ok = dict((r.index, good) for r, good in f.verify_checksums()) if check else {}
     rows, model_raw, model_stored, corrections = [], 0, 0, 0
+    tied = bool(f.codec.params().get("tied_head"))
+    head_raw = head_stored = 0  # the tied head's sections (SPEC 12.6): not symmetry coding, reported apart
     for r in f.sections:
         rows.append({"index": r.index, "kind": r.kind, "block": r.block if r.block >= 0 else None,
                      "offset": r.offset, "stored": r.stored_len, "raw": r.raw_len,
@@ -34,8 +36,12 @@ def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
             model_raw += r.raw_len
             model_stored += r.stored_len
             corrections += r.corrections
+        if tied and r.kind in ("head", "correction") and r.block < 0:
+            head_raw, head_stored = head_raw + r.raw_len, head_stored + r.stored_len
     theoretical = sum(s.free_params for s in f.codec.symmetries_removed(m))
-    saved_words = (plain - model_raw) // ws  # whole words (plain and model_raw are multiples of ws)
+    head_plain = sum(t.numel for t in m.group_tensors("head")) * ws if tied else 0
+    # whole words (plain and the raw lengths are multiples of ws, the tied head's aside)
+    saved_words = (plain - head_plain - (model_raw - head_raw)) // ws
     return {
         "file": f.url,
         "format_version": h["format_version"],
@@ -63,6 +69,8 @@ def summarize(f: BBFReader, check: bool = True) -> dict[str, Any]:
             "bits_per_weight": round(8 * f.store.size / (plain / ws), 4) if plain else None,
             "checksums_ok": all(ok.values()) if check else None,
         },
+        "tied_head": {"columns": m.embedding_dims[0], "plain_bytes": head_plain, "raw_bytes": head_raw,
+                      "stored_bytes": head_stored} if tied else None,
     }
 
 
@@ -99,6 +107,10 @@ def render(s: dict[str, Any]) -> str:
         out.append(f"symmetry coding: {t['symmetry_saved_words']:,.0f} words saved before entropy coding, "
                    f"{100 * t['symmetry_saved_fraction']:.2f}% of the theoretical sum k(k-1)/2 = "
                    f"{t['symmetry_theoretical_words']:,} words; {t['corrections']:,} corrections")
+    if s.get("tied_head"):
+        th = s["tied_head"]
+        out.append(f"tied head (SPEC 12.6): its first {th['columns']} columns are residuals against the embeddings; "
+                   f"the head takes {_fmt_bytes(th['stored_bytes'])} of its {_fmt_bytes(th['plain_bytes'])}")
     if t["checksums_ok"] is not None:
         out.append("checksums: " + ("all ok" if t["checksums_ok"] else "MISMATCH"))
     if "stages" in s:
@@ -108,7 +120,8 @@ def render(s: dict[str, Any]) -> str:
             a, b = r["layers"]
             parts = (["embed"] if "embed" in r["groups"] else []) + [f"blocks {a}..{b - 1}"] + \
                 (["head"] if "head" in r["groups"] else [])
-            out.append(f"  rank {r['rank']:>3}: {' + '.join(parts)}: {_fmt_bytes(r['stored_bytes'])}")
+            also = f" (also reads {', '.join(r['also_fetches'])}: the tied head needs it)" if r.get("also_fetches") else ""
+            out.append(f"  rank {r['rank']:>3}: {' + '.join(parts)}: {_fmt_bytes(r['stored_bytes'])}{also}")
     return "\n".join(out)
 
 

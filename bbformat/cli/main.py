@@ -129,6 +129,7 @@ def cmd_decode(args) -> int:
 def canonical_words(desc, tensors, codec, dtype):
     """Run the file's codec encoder over the original: the canonical words the decoder must reproduce."""
     enc = codec.encoder(desc, dtype)
+    enc.ahead({n: tensors[n] for n in enc.wants_ahead()})
     for group in desc.groups():
         yield group, enc.encode(group, {t.name: tensors[t.name] for t in desc.group_tensors(group)}).canonical
 

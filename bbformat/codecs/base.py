@@ -74,6 +74,18 @@ class GroupEncoder:
     def encode(self, group: str, tensors: dict[str, torch.Tensor]) -> EncodedGroup:  # pragma: no cover
         raise NotImplementedError
 
+    def wants_ahead(self) -> tuple[str, ...]:
+        """Tensors of later groups this encoder would like before the first group (`ahead`); () for most codecs.
+        (`exact`'s tied head fits the head to the embeddings before it rotates them, SPEC 12.6.)"""
+        return ()
+
+    def ahead(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Receive the `wants_ahead` tensors, before the first group."""
+
+    def codec_params(self) -> dict[str, Any] | None:
+        """The parameters the header records, when the encoder decided them from the data; None: the codec's own."""
+        return None
+
     def finish(self) -> dict[str, Any]:
         """Encoder statistics, stored (informative only) in the header under stats.codec."""
         return {}
@@ -87,13 +99,14 @@ class GroupDecoder:
         raise NotImplementedError
 
     def decode_tensors(self, group: str, sections: dict[str, bytes], rooms: dict[str, np.ndarray] | None = None,
-                       alloc=None) -> dict[str, np.ndarray]:
+                       alloc=None, deps: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Raw section payloads by kind -> name -> the tensor's words, in its shape (the reader's entry point).
 
         The default splits `decode`'s sequence; a codec may override it to hand out views of the payload instead
         of copying it into one sequence first. `rooms[kind]`, when present, is a word array whose last words are
         that section's payload, preceded by the `payload_room` words the decoder asked for. `alloc(nbytes)`, when
-        given, supplies the memory (a writable uint8 array) of any new tensor."""
+        given, supplies the memory (a writable uint8 array) of any new tensor. `deps`: name -> words of the tensors
+        of the groups `Codec.depends(group)` names (read only)."""
         return split_group(self.desc, group, self.decode(group, sections))
 
     def payload_room(self, group: str, kind: str) -> int:
@@ -121,6 +134,11 @@ class Codec:
 
     def decoder(self, desc: ModelDesc, dtype: str) -> GroupDecoder:  # pragma: no cover
         raise NotImplementedError
+
+    def depends(self, group: str) -> tuple[str, ...]:
+        """Groups whose decoded words decoding `group` needs besides its own sections (SPEC 6): () but for `exact`'s
+        tied head, which needs `embed`."""
+        return ()
 
     def symmetries_removed(self, desc: ModelDesc) -> list:
         """The symmetries whose k(k-1)/2 free parameters this codec does not store (bbf-inspect's accounting)."""

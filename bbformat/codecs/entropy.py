@@ -309,9 +309,15 @@ def _run(tasks: list, parallel: bool) -> None:
 
 
 def _encode_bytes(payload: bytes, level: int) -> bytes:
-    head, parts = bytearray([VERSION, 0, CHUNK_LOG2]), []
-    _encode_stream(head, parts, payload, _byte_params(level), 1 << CHUNK_LOG2)
-    return b"".join([head, *parts])  # one copy of the output, not two
+    """With zstd's usual match finder and with long matches only (residual-like bytes, e.g. `exact`'s tied-head
+    residuals, where short matches cost bits: 2.86 against 2.94 bits per residual), whichever is smaller."""
+    best = None
+    for params in (_byte_params(level), _symbol_params(level)):
+        head, parts = bytearray([VERSION, 0, CHUNK_LOG2]), []
+        _encode_stream(head, parts, payload, params, 1 << CHUNK_LOG2)
+        out = b"".join([head, *parts])  # one copy of the output, not two
+        best = out if best is None or len(out) < len(best) else best
+    return best
 
 
 def _decode_bytes(stored: memoryview, raw_len: int, threads: bool = True) -> bytes:

@@ -13,6 +13,14 @@ Carrier blocks (normative text: SPEC.md section 12, "Codec exact"):
 Stored form of a carrier: the triangle's non-zero part row by row (row r: L[r, :r+1] or T[r, r:]), then the rest
 of the tensor row-major (W[:s] and W[s+k:] for axis 1, W[:, k:] for axis 0). Every other tensor is stored row-major.
 
+Tied head (parameter `tied_head`, SPEC.md 12.6). When the source model tied its head to its embeddings, SliceGPT's
+untied copy repeats them: embed = E C Q_emb[:, :n] and head = E diag(g) Q_L are two linear views of one matrix E, so
+embed = head M for a d x n matrix M. The two symmetries at the ends (`emb`, `out.L-1`) are then spent on making M
+diagonal instead of on triangles: with M = U S V^T, R_emb = V and R_L = [U | U_perp] give embed'[:, j] =
+s_j head'[:, j], and the head's first n columns are stored as small residuals against embed'[:, j] * c_j
+(c_j ~ 1/s_j): ~3.5 bits per word after the entropy stage instead of ~10.5 (bfloat16) or ~13.5 (float16). The
+head then decodes from its own section and the embeddings (the one group dependency of this version, SPEC 6).
+
 Everything is rotated in float64 and rounded to the word dtype once, after every rotation that reaches it; the
 structural zeros are +0.0, so they are exactly the zero word. The encoder converts to float64 only the carriers'
 blocks up front and every other tensor one slab at a time, rounding each slab at once (canonical.GroupRotations):
@@ -32,8 +40,8 @@ from .. import kernels
 from ..errors import BBFError, FormatError, ModelError
 from ..grid import MANTISSA_BITS, round_to_grid, zero_mantissa_bits
 from ..models.arch import ModelDesc, Symmetry
-from ..words import to_words, torch_dtype, word_bits, word_np_dtype
-from .base import (Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, Segment, new_bytes,
+from ..words import to_words, torch_dtype, word_bits, word_np_dtype, words_to_f64
+from .base import (Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, SectionSpec, Segment, new_bytes,
                    register_codec)
 from .canonical import GroupRotations, StreamingRotator
 
@@ -91,19 +99,25 @@ def _candidates(desc: ModelDesc, sym: Symmetry) -> list[str]:
     return [names[r] for r in PREFERENCE[kind] if r in names]
 
 
-def carriers(desc: ModelDesc) -> dict[str, Carrier]:
+def carriers(desc: ModelDesc, tied: bool = False) -> dict[str, Carrier]:
     """Symmetry name -> its carrier: the first candidate that is 2-D, in the symmetry's own group, long enough
     (>= k rows for axis 1, >= k columns for axis 0) and not acted on by any later symmetry (which would undo the
     triangle). A symmetry with no eligible candidate has no carrier and is left as it is.
 
     The embeddings' block is the k rows in the middle of the vocabulary: vocabularies put special, reserved and
     padding tokens first or last, and untrained ones often share one row (SmolLM2's first 432 rows have rank 425),
-    which would make the canonical form depend on rounding noise (it changes with the BLAS thread count)."""
+    which would make the canonical form depend on rounding noise (it changes with the BLAS thread count).
+    `tied`: the tied-head form (SPEC 12.6), where `emb` and `out.L-1` have no carrier (their rotations align the
+    head with the embeddings)."""
     syms = desc.symmetries()
+    if tied:
+        syms = [s for s in syms if s.name not in tied_symmetries(desc)]
     info = desc.tensor_map()
     out: dict[str, Carrier] = {}
-    last = {a.tensor: i for i, s in enumerate(syms) for a in s.actions}  # the last symmetry acting on each tensor
-    for i, sym in enumerate(syms):
+    last = {a.tensor: i for i, s in enumerate(desc.symmetries()) for a in s.actions}  # last symmetry on each tensor
+    rank = {s.name: i for i, s in enumerate(desc.symmetries())}
+    for sym in syms:
+        i = rank[sym.name]
         for name in _candidates(desc, sym):
             t, axis = info[name], sym.action(name).axis
             if len(t.shape) != 2 or t.group != sym.group or last[name] > i:
@@ -114,6 +128,102 @@ def carriers(desc: ModelDesc) -> dict[str, Carrier]:
             out[sym.name] = Carrier(sym.name, name, axis, sym.size, t.shape, start)
             break
     return out
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tied head (SPEC 12.6)
+
+EMBED_TOKENS = {"llama": "model.embed_tokens.weight", "opt": "model.decoder.embed_tokens.weight"}
+HEAD = "lm_head.weight"
+# The tied form is used when the embeddings follow from the head within this relative RMS error. A tied source
+# gives the rounding noise of its dtype (SmolLM2 25 %: 0.0023 in bfloat16, 0.0003 in float16); an untied one ~1.
+TIE_TOLERANCE = 1 / 32
+
+
+def tied_symmetries(desc: ModelDesc) -> tuple[str, str]:
+    return "emb", f"out.{desc.num_layers - 1}"
+
+
+def tie_possible(desc: ModelDesc) -> bool:
+    """Whether the shapes allow the tied form: the head has at least as many columns as the token embeddings."""
+    return desc.embedding_dims[0] <= desc.mlp_output_dims[-1]
+
+
+def tied_columns(desc: ModelDesc) -> int:
+    """n: the head's columns predicted from the embeddings (all of the token embeddings' columns)."""
+    return desc.embedding_dims[0]
+
+
+def _sign_fix(m: torch.Tensor) -> torch.Tensor:
+    """+1/-1 per column of m: its entry of largest magnitude becomes positive (a deterministic sign)."""
+    idx = m.abs().argmax(0)
+    return torch.where(m[idx, torch.arange(m.shape[1])] < 0, -1.0, 1.0).to(m.dtype)
+
+
+def fit_tie(embed: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(R_emb, R_L, relative RMS error of embed ~ head M): the rotations of the tied form (float64).
+
+    M by least squares (normal equations: one V x d x d product, no V x d x n one); M = U S V^T; R_emb = V and
+    R_L = [U | U_perp], signs fixed so that each column of V has its largest entry positive. U_perp (the head's
+    d - n directions the embeddings do not see) is made canonical too: the principal axes of head U_perp, in
+    descending order, each with its largest entry positive."""
+    E, H = embed.detach().to(torch.float64), head.detach().to(torch.float64)
+    n, d = E.shape[1], H.shape[1]
+    G, B = H.T @ H, H.T @ E
+    try:
+        M = torch.linalg.solve(G, B)
+    except RuntimeError:  # a singular head (e.g. all zeros): not a tie this form can use
+        return None, None, float("inf")
+    e2 = float((E * E).sum())
+    resid = e2 - 2 * float((M * B).sum()) + float((M * (G @ M)).sum())
+    rel = (max(resid, 0.0) / e2) ** 0.5 if e2 > 0 else float("inf")
+    U, _, Vh = torch.linalg.svd(M, full_matrices=True)
+    V = Vh.T
+    sign = _sign_fix(V)
+    V, U = V * sign, torch.cat([U[:, :n] * sign, U[:, n:]], 1)
+    if d > n:
+        P = U[:, n:]
+        ev, W = torch.linalg.eigh(P.T @ G @ P)
+        W = W.flip(1)
+        U = torch.cat([U[:, :n], P @ (W * _sign_fix(W))], 1)
+    return V, U, rel
+
+
+def aligned(embed: torch.Tensor, head: torch.Tensor) -> float:
+    """Relative RMS error of head[:, :n] ~ embed * c (c per column, least squares): small when the input already
+    is in the tied form (the slicer's output, or a file decoded and encoded again)."""
+    e = embed.detach().to(torch.float64)
+    h = head.detach()[:, :e.shape[1]].to(torch.float64)
+    ee, eh, hh = (e * e).sum(0), (e * h).sum(0), (h * h).sum(0)
+    resid = float((hh - torch.where(ee > 0, eh * eh / torch.where(ee > 0, ee, 1), 0)).sum())
+    total = float(hh.sum())
+    return (max(resid, 0.0) / total) ** 0.5 if total > 0 else float("inf")
+
+
+def tied_scales(e: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """c (float32): per column, the least-squares factor of h ~ c e (values in float64)."""
+    ee = np.einsum("ij,ij->j", e, e)
+    eh = np.einsum("ij,ij->j", e, h)
+    return np.where(ee > 0, eh / np.where(ee > 0, ee, 1), 0).astype(np.float32)
+
+
+def tied_prediction(e: np.ndarray, c: np.ndarray, dtype: str) -> np.ndarray:
+    """The predicted words of SPEC 12.6 (with the decoder's kernel where compiled: same words as the reference)."""
+    if not kernels.COMPILED:
+        return kernels.tied_predict(e, c, dtype)
+    out = np.empty(e.shape, e.dtype)
+    kernels.tied_restore(out, e, c, bytes((e.size + 1) // 2), b"", np.zeros((e.shape[0], 0), e.dtype), dtype)
+    return out
+
+
+def c_words(n: int, ws: int) -> int:
+    """Words the n float32 scales take at the front of the head's payload."""
+    return n * 4 // ws
+
+
+def residual_bytes(v: int, n: int, ws: int) -> tuple[int, int]:
+    """(least, most) raw bytes of the tied head's correction section: V x n nibbles, then 0 .. V x n escapes."""
+    nib = (v * n + 1) // 2
+    return nib, nib + v * n * ws
 
 
 def triangular_rotation(carrier: Carrier, w: torch.Tensor) -> torch.Tensor:
@@ -212,9 +322,16 @@ def canonical_form(desc: ModelDesc, tensors: dict[str, torch.Tensor]) -> dict[st
 
     The slicer applies it before its one cast to the output dtype. The structural zeros then survive any rounding
     and the diagonals stay non-negative, so the encoder's QR factorisations are identities and an `exact` file
-    holds the sliced model's words bit for bit (no second rounding)."""
-    by_name = carriers(desc)
-    rot = StreamingRotator(desc, lambda sym, t: None if sym.name not in by_name
+    holds the sliced model's words bit for bit (no second rounding). A tied source (`tie_word_embeddings`) gets
+    the tied form (SPEC 12.6), which the encoder then keeps as it is (`aligned`)."""
+    tie = {}
+    if desc.tie_word_embeddings and tie_possible(desc):
+        with _one_thread():
+            r_emb, r_out, err = fit_tie(tensors[EMBED_TOKENS[desc.family]], tensors[HEAD])
+        if err <= TIE_TOLERANCE:
+            tie = dict(zip(tied_symmetries(desc), (r_emb, r_out)))
+    by_name = carriers(desc, bool(tie))
+    rot = StreamingRotator(desc, lambda sym, t: tie[sym.name] if sym.name in tie else None if sym.name not in by_name
                            else triangular_rotation(by_name[sym.name], t[by_name[sym.name].tensor]))
     out: dict[str, torch.Tensor] = {}
     for group in desc.groups():
@@ -227,16 +344,24 @@ def canonical_form(desc: ModelDesc, tensors: dict[str, torch.Tensor]) -> dict[st
 
 
 class _Layout:
-    """Where each tensor of a group sits in the payload (words saved = the carriers' zeros)."""
+    """Where each tensor of a group sits in the payload (words saved = the carriers' zeros). `tied_n` > 0: the
+    tied head's group (SPEC 12.6): its payload is the scales, then the head's columns n.., then the bias; the
+    residuals of its first n columns are the correction section."""
 
-    def __init__(self, desc: ModelDesc, group: str, by_tensor: dict[str, Carrier]):
+    def __init__(self, desc: ModelDesc, group: str, by_tensor: dict[str, Carrier], tied_n: int = 0, ws: int = 2):
         self.tensors = desc.group_tensors(group)
         self.carriers = {t.name: by_tensor[t.name] for t in self.tensors if t.name in by_tensor}
         self.numel = sum(t.numel for t in self.tensors)
         self.saved = sum(c.zeros for c in self.carriers.values())
-        self.payload_words = self.numel - self.saved
+        self.tied_n = tied_n if group == "head" else 0
+        self.scale_words = c_words(self.tied_n, ws)
+        self.residuals = self.tensors[0].shape[0] * self.tied_n  # V x n (the head is the group's first tensor)
+        self.payload_words = self.numel - self.saved + self.scale_words - self.residuals
 
     def segments(self) -> tuple[Segment, ...]:
+        if self.tied_n:  # scales (a run), the head's columns n.. (V x (d - n)), the bias (a run)
+            (v, d), n = self.tensors[0].shape, self.tied_n
+            return (Segment(self.scale_words, v, d - n),) if d > n else ()
         segs, off = [], 0
         for t in self.tensors:
             c = self.carriers.get(t.name)
@@ -256,12 +381,64 @@ class _Layout:
 class _ExactEncoder(GroupEncoder):
     def __init__(self, codec: "ExactCodec", desc: ModelDesc, dtype: str):
         self.codec, self.desc, self.dtype = codec, desc, dtype
-        self.carriers = carriers(desc)
-        self.by_tensor = {c.tensor: c for c in self.carriers.values()}
+        self._set_form(bool(codec.tied_head))
         self.rotator = StreamingRotator(desc, self._choose)
         self.saved = 0  # words not stored, over the groups encoded so far
+        self._head_input = None  # the head, given ahead of the embeddings (tied form: `ahead`)
+        self._tie: dict[str, torch.Tensor] = {}  # the tied form's two rotations, by symmetry
+        self._tied_embed = None  # the canonical token embeddings' words, kept for the head
+        self.tie_error = None
+
+    def _set_form(self, tied: bool) -> None:
+        self.tied = tied
+        self.carriers = carriers(self.desc, tied)
+        self.by_tensor = {c.tensor: c for c in self.carriers.values()}
+
+    def wants_ahead(self) -> tuple[str, ...]:
+        """The head, with the embeddings, when the tied form may apply: `tied_head` True, or unset (auto) and the
+        source model tied its head (`tie_word_embeddings`)."""
+        t = self.codec.tied_head
+        if t is False or not tie_possible(self.desc) or (t is None and not self.desc.tie_word_embeddings):
+            return ()
+        return (HEAD,)
+
+    def ahead(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._head_input = tensors.get(HEAD)
+
+    def codec_params(self) -> dict:
+        return {"tied_head": True} if self.tied else {}
+
+    def _decide_tie(self, tensors: dict[str, torch.Tensor]) -> None:
+        """At the embeddings: fit the tie (SPEC 12.6) and take the tied form if the embeddings follow from the head."""
+        head, self._head_input = self._head_input, None
+        if head is None:
+            if self.codec.tied_head:
+                raise BBFError("codec 'exact' with tied_head=True needs the head before the embeddings: write with "
+                               "bbformat.save, or call BBFWriter.write_ahead first")
+            self._set_form(False)
+            return
+        emb = tensors[EMBED_TOKENS[self.desc.family]]
+        if tuple(head.shape) != (emb.shape[0], self.desc.mlp_output_dims[-1]) or not _all_finite(head):
+            raise ModelError(f"tensor {HEAD!r} given ahead has shape {tuple(head.shape)} or non-finite weights")
+        self.tie_error = aligned(emb, head)
+        if self.tie_error <= TIE_TOLERANCE:  # already in the tied form: keep it (no second rounding)
+            self._set_form(True)
+            self._tie = dict.fromkeys(tied_symmetries(self.desc))
+            return
+        with _one_thread():
+            r_emb, r_out, self.tie_error = fit_tie(emb, head)
+        if self.tie_error <= TIE_TOLERANCE:
+            self._set_form(True)
+            self._tie = dict(zip(tied_symmetries(self.desc), (r_emb, r_out)))
+        elif self.codec.tied_head:
+            raise BBFError(f"codec 'exact' with tied_head=True: the embeddings do not follow from the head (relative "
+                           f"error {self.tie_error:.3g} > {TIE_TOLERANCE:.3g}); the source model's head is not tied")
+        else:
+            self._set_form(False)
 
     def _choose(self, sym: Symmetry, plan: GroupRotations) -> torch.Tensor | None:
+        if sym.name in self._tie:
+            return self._tie.pop(sym.name)
         c = self.carriers.get(sym.name)
         if c is None:
             return None
@@ -270,7 +447,10 @@ class _ExactEncoder(GroupEncoder):
         return triangular_rotation(c, plan[c.tensor])
 
     def encode(self, group: str, tensors: dict[str, torch.Tensor]) -> EncodedGroup:
-        layout = _Layout(self.desc, group, self.by_tensor)
+        if group == "embed":
+            self._decide_tie(tensors)
+        ws = word_bits(self.dtype) // 8
+        layout = _Layout(self.desc, group, self.by_tensor, tied_columns(self.desc) if self.tied else 0, ws)
         for t in layout.tensors:
             x = tensors.get(t.name)
             if x is None:
@@ -283,12 +463,15 @@ class _ExactEncoder(GroupEncoder):
         plan = self.rotator.plan(group, {t.name: tensors[t.name] for t in layout.tensors})
         wd = word_np_dtype(self.dtype)
         payload = np.empty(layout.payload_words, wd)
-        words, off = {}, 0
+        words, off = {}, layout.scale_words
+        residuals = None
         for t in layout.tensors:
             c = layout.carriers.get(t.name)
-            stored = t.numel - (c.zeros if c is not None else 0)
-            # a plain tensor's words are its part of the payload; a carrier's are rearranged into it afterwards
-            w = np.empty(t.shape, wd) if c is not None else payload[off:off + stored].reshape(t.shape)
+            stored = t.numel - (c.zeros if c is not None else 0) - (layout.residuals if t.name == HEAD else 0)
+            # a plain tensor's words are its part of the payload; a carrier's (and the tied head's) are rearranged
+            # into it afterwards
+            w = np.empty(t.shape, wd) if c is not None or (layout.tied_n and t.name == HEAD) \
+                else payload[off:off + stored].reshape(t.shape)
             for idx, axis, slab in plan.chunks(t.name):
                 rounded = to_words(slab, self.dtype)  # the one rounding of these weights
                 if not _finite_words(rounded, self.dtype):
@@ -299,6 +482,11 @@ class _ExactEncoder(GroupEncoder):
             if c is not None:
                 _zero_structural_words(c, w)
                 _put_carrier(c, w, payload[off:off + stored])
+            elif layout.tied_n and t.name == HEAD:
+                residuals = self._put_tied_head(w, payload[:layout.scale_words], payload[off:off + stored],
+                                                layout.tied_n)
+            if group == "embed" and self.tied and t.name == EMBED_TOKENS[self.desc.family]:
+                self._tied_embed = w
             words[t.name] = w
             off += stored
         assert off == layout.payload_words
@@ -306,11 +494,32 @@ class _ExactEncoder(GroupEncoder):
         kinds = self.codec.sections_for(group)
         # the payload's own memory as bytes (no copy: at 70B the embeddings' payload alone is 1.6 GB)
         sections = [SectionData(kinds[0], payload.view(np.uint8).data, payload.dtype.itemsize, layout.segments())]
-        sections += [SectionData(k, b"", 1) for k in kinds[1:]]  # empty correction section: nothing to correct
+        if residuals is not None:  # the tied head's correction section: its residuals (SPEC 12.6)
+            sections.append(SectionData("correction", residuals, 1))
+        else:
+            sections += [SectionData(k, b"", 1) for k in kinds[1:]]  # empty correction section: nothing to correct
         stats = {"saved_words": layout.saved, "carriers": {c.symmetry: c.tensor for c in layout.carriers.values()}}
+        if group == "embed" and self.tie_error is not None:
+            stats["tie_error"] = self.tie_error
+        if layout.tied_n:
+            stats["tied_columns"] = layout.tied_n
         if grid:
             stats["grid_zero_bits"] = grid
         return EncodedGroup(sections, words, stats)
+
+    def _put_tied_head(self, w: np.ndarray, scales: np.ndarray, out: np.ndarray, n: int) -> bytes:
+        """The tied head's stored form (SPEC 12.6): the scales c and its columns n.. into the payload; returns the
+        correction section, the residuals of its first n columns against the prediction from the embeddings."""
+        e = self._tied_embed
+        self._tied_embed = None
+        if e is None:
+            raise BBFError("codec 'exact': the tied head needs the embeddings encoded by this encoder first")
+        c = tied_scales(words_to_f64(e, self.dtype), words_to_f64(w[:, :n], self.dtype))
+        scales[...] = c.view(scales.dtype)
+        v, d = w.shape
+        out.reshape(v, d - n)[...] = w[:, n:]
+        z = kernels.tied_residuals(np.ascontiguousarray(w[:, :n]), tied_prediction(e, c, self.dtype))
+        return b"".join(kernels.tied_pack(z))
 
     def finish(self) -> dict:
         return {"saved_words": self.saved}
@@ -319,17 +528,19 @@ class _ExactEncoder(GroupEncoder):
 class _ExactDecoder(GroupDecoder):
     def __init__(self, codec: "ExactCodec", desc: ModelDesc, dtype: str):
         self.codec, self.desc, self.dtype = codec, desc, dtype
-        self.by_tensor = {c.tensor: c for c in carriers(desc).values()}
+        self.tied = bool(codec.tied_head)
+        self.by_tensor = {c.tensor: c for c in carriers(desc, self.tied).values()}
         self._layouts: dict[str, _Layout] = {}
 
     def _layout(self, group: str) -> _Layout:
         """The group's layout, computed once."""
         if group not in self._layouts:
-            self._layouts[group] = _Layout(self.desc, group, self.by_tensor)
+            self._layouts[group] = _Layout(self.desc, group, self.by_tensor,
+                                           tied_columns(self.desc) if self.tied else 0, word_bits(self.dtype) // 8)
         return self._layouts[group]
 
-    def decode(self, group: str, sections: dict[str, bytes]) -> np.ndarray:
-        tensors = self.decode_tensors(group, sections)
+    def decode(self, group: str, sections: dict[str, bytes], deps: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        tensors = self.decode_tensors(group, sections, deps=deps)
         parts = [tensors[t.name].reshape(-1) for t in self._layout(group).tensors]
         return np.concatenate(parts) if parts else np.zeros(0, word_np_dtype(self.dtype))
 
@@ -340,8 +551,9 @@ class _ExactDecoder(GroupDecoder):
         return self._layout(group).saved if kind == self.codec.sections_for(group)[0] else 0
 
     def decode_tensors(self, group: str, sections: dict[str, bytes], rooms: dict[str, np.ndarray] | None = None,
-                       alloc=None) -> dict[str, np.ndarray]:
-        """Every tensor but a carrier is a view of the payload; a carrier gets its structural zeros back."""
+                       alloc=None, deps: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Every tensor but a carrier is a view of the payload; a carrier gets its structural zeros back; a tied
+        head is rebuilt from its residuals and `deps`, the token embeddings' words (SPEC 12.6)."""
         layout = self._layout(group)
         kind = self.codec.sections_for(group)[0]
         wd = word_np_dtype(self.dtype)
@@ -351,10 +563,13 @@ class _ExactDecoder(GroupDecoder):
         if len(data) != layout.payload_words * wd.itemsize:
             raise FormatError(f"group {group}: {kind} section has {len(data)} bytes, expected "
                               f"{layout.payload_words * wd.itemsize}")
+        payload = np.frombuffer(data, dtype=wd)
+        if layout.tied_n:
+            return self._tied_head(layout, payload, sections.get("correction"),
+                                   (deps or {}).get(EMBED_TOKENS[self.desc.family]), alloc)
         if any(len(sections.get(k) or b"") for k in self.codec.sections_for(group)[1:]):
             raise FormatError(f"group {group}: codec 'exact' has no corrections, but the correction section "
                               f"is not empty")
-        payload = np.frombuffer(data, dtype=wd)
         room = (rooms or {}).get(kind)
         if room is not None and room.size == layout.numel and room.dtype == wd:
             return _rebuild_in_place(layout, room)
@@ -372,6 +587,33 @@ class _ExactDecoder(GroupDecoder):
             for part in c.rest(w):
                 part[...] = payload[src:src + part.size].reshape(part.shape)
                 src += part.size
+        return out
+
+
+    def _tied_head(self, layout: _Layout, payload: np.ndarray, residuals, embed: np.ndarray | None, alloc) -> dict:
+        n, wd = layout.tied_n, payload.dtype
+        head = layout.tensors[0]
+        v, d = head.shape
+        if embed is None or embed.shape != (v, n) or embed.dtype != wd:
+            raise FormatError("the tied head needs the token embeddings' words (group embed) to decode")
+        if residuals is None:
+            raise FormatError("the tied head needs its correction section (the residuals)")
+        c = payload[:layout.scale_words].view(np.float32)
+        if not np.all(np.isfinite(c)):
+            raise FormatError("the tied head's scales are not all finite")
+        src = layout.scale_words
+        rest = payload[src:src + v * (d - n)].reshape(v, d - n)
+        nb = (v * n + 1) // 2
+        res = memoryview(residuals).cast("B")
+        out = {head.name: (alloc or new_bytes)(v * d * wd.itemsize).view(wd).reshape(v, d)}
+        try:
+            kernels.tied_restore(out[head.name], embed, c, res[:nb], res[nb:], rest, self.dtype)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
+        src += v * (d - n)
+        for t in layout.tensors[1:]:  # lm_head.bias
+            out[t.name] = payload[src:src + t.numel].reshape(t.shape)
+            src += t.numel
         return out
 
 
@@ -426,15 +668,42 @@ def _rebuild_in_place(layout: _Layout, buf: np.ndarray) -> dict[str, np.ndarray]
 class ExactCodec(Codec):
     id = "exact"
 
+    def __init__(self, tied_head: bool | None = None):
+        """`tied_head`: the tied-head form (SPEC 12.6). None (writers: the default) decides from the model: tied
+        when its source tied the head and the embeddings follow from the head; a file records True or nothing."""
+        if tied_head is not None and not isinstance(tied_head, bool):
+            raise BBFError(f"codec 'exact': tied_head must be a boolean, got {tied_head!r}")
+        self.tied_head = tied_head
+
+    def params(self):
+        return {"tied_head": True} if self.tied_head else {}
+
+    def depends(self, group: str) -> tuple[str, ...]:
+        return ("embed",) if self.tied_head and group == "head" else ()
+
+    def sections_for(self, group: str) -> tuple[str, ...]:
+        """The tied head has a correction section (its residuals) after its head section."""
+        return ("head", "correction") if self.tied_head and group == "head" else super().sections_for(group)
+
     def symmetries_removed(self, desc):
-        with_carrier = carriers(desc)
+        with_carrier = carriers(desc, bool(self.tied_head))
         return [s for s in desc.symmetries() if s.name in with_carrier]
 
     def section_specs(self, desc, dtype):
-        """Every group's first section holds its payload: the group's words less its carriers' structural zeros."""
-        by_tensor = {c.tensor: c for c in carriers(desc).values()}
-        return {g: self._specs(g, _Layout(desc, g, by_tensor).payload_words, word_bits(dtype) // 8)
-                for g in desc.groups()}
+        """Every group's first section holds its payload: the group's words less its carriers' structural zeros
+        (the tied head: plus its scales)."""
+        tied = bool(self.tied_head)
+        if tied and not tie_possible(desc):
+            raise FormatError(f"codec 'exact' tied_head: the head has {desc.mlp_output_dims[-1]} columns, fewer than "
+                              f"the token embeddings' {desc.embedding_dims[0]}")
+        by_tensor = {c.tensor: c for c in carriers(desc, tied).values()}
+        ws = word_bits(dtype) // 8
+        n = tied_columns(desc) if tied else 0
+        specs = {g: self._specs(g, _Layout(desc, g, by_tensor, n, ws).payload_words, ws) for g in desc.groups()}
+        if tied:
+            head = specs["head"][0]
+            specs["head"] = (head, SectionSpec("correction", 1, *residual_bytes(desc.vocab_size, n, ws)))
+        return specs
 
     def encoder(self, desc, dtype):
         return _ExactEncoder(self, desc, dtype)

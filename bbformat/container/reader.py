@@ -123,10 +123,19 @@ class BBFReader:
         yield from self._pipeline(order, readahead, workers, cast=dtype)
 
     def stream_order(self) -> list[str]:
-        """stream()'s default order: the smallest group, then the rest largest first (ties: model order)."""
+        """stream()'s default order: the smallest group, then the rest largest first (ties: model order); a group
+        another one depends on (SPEC 6: `exact`'s tied head needs `embed`) moves to just before it."""
         size = self._decoded_sizes()
         first = min(size, key=size.__getitem__)
-        return [first] + sorted((g for g in size if g != first), key=lambda g: -size[g])
+        return self._deps_first([first] + sorted((g for g in size if g != first), key=lambda g: -size[g]))
+
+    def _deps_first(self, order: list[str]) -> list[str]:
+        for g in list(order):
+            for d in self.codec.depends(g):
+                if d in order and order.index(d) > order.index(g):
+                    order.remove(d)
+                    order.insert(order.index(g), d)
+        return order
 
     def _decoded_sizes(self) -> dict[str, int]:
         """Raw bytes per group, in model order."""
@@ -137,7 +146,7 @@ class BBFReader:
         inside costs more than it gains: measured 15% more CPU). Remote: each group is decoded as soon as its bytes
         are in, while the next ones arrive; largest first, so that what is left when the wire is done is small."""
         size = self._decoded_sizes()
-        groups = sorted(size, key=lambda g: -size[g])
+        groups = self._deps_first(sorted(size, key=lambda g: -size[g]))
         arena, out = _Arena(), {}
         with _gc_paused():
             # twice the stream's byte budget: a big group decoding slowly must not leave the wire idle, and a whole
@@ -153,14 +162,24 @@ class BBFReader:
         recs = [list(self._by_group[g].values()) for g in order]
         fetch = Prefetcher(self.store.fetch, [[(r.offset, r.offset + r.stored_len) for r in rs] for rs in recs],
                            budget or self.store.budget)
+        # SPEC 6: a group that depends on an earlier one in `order` takes its words from that group's decode; the
+        # earlier one is yielded only once its dependents are decoded (the caller may then change its tensors)
+        pos = {g: i for i, g in enumerate(order)}
+        dep_of = {i: [pos[d] for d in self.codec.depends(g) if pos.get(d, i) < i] for i, g in enumerate(order)}
+        dependents = {j: [i for i in dep_of if j in dep_of[i]] for j in range(len(order))}
 
-        def decode(i: int) -> dict[str, torch.Tensor]:
+        def decode(i: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+            """(the tensors as decoded, for the groups that depend on this one, or None; the tensors, cast)"""
             try:
                 stored = dict(zip((r.kind for r in recs[i]), fetch.get(i)))
-                tensors = self._decode_group(order[i], alloc, stored)
+                deps = None  # (waited for after this group's own entropy stage: the two overlap)
+                if self.codec.depends(order[i]):
+                    deps = lambda: self._dep_words(order[i], {order[j]: futures[j].result()[0] for j in dep_of[i]})
+                tensors = self._decode_group(order[i], alloc, stored, deps)
             finally:
                 fetch.release(i)
-            return tensors if cast is None else {k: t.to(cast) for k, t in tensors.items()}
+            return (tensors if dependents[i] else None,
+                    tensors if cast is None else {k: t.to(cast) for k, t in tensors.items()})
 
         workers = workers or min(2, os.cpu_count() or 1)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbf-decode")
@@ -169,9 +188,12 @@ class BBFReader:
         futures: list = []
         try:
             for i, g in enumerate(order):
-                while len(futures) <= min(len(order) - 1, i + max(0, readahead)):
+                last = max([i + max(0, readahead)] + dependents[i])
+                while len(futures) <= min(len(order) - 1, last):
                     futures.append(pool.submit(decode, len(futures)))
-                tensors = futures[i].result()
+                tensors = futures[i].result()[1]
+                for j in dependents[i]:
+                    futures[j].exception()  # wait for it (its error, if any, is raised when the caller reaches it)
                 futures[i] = None  # drop the reference so memory stays bounded
                 yield g, tensors
                 del tensors
@@ -249,10 +271,27 @@ class BBFReader:
         self.close()
 
     # ---- internals -----------------------------------------------------------------------------------
-    def _decode_group(self, group: str, alloc=None, stored: dict | None = None) -> dict[str, torch.Tensor]:
+    def _dep_words(self, group: str, decoded: dict[str, dict[str, torch.Tensor]] | None = None
+                   ) -> dict[str, np.ndarray]:
+        """The words of the groups `group` depends on (SPEC 6): from `decoded` (group -> tensors) where given,
+        else decoded now (fetching their sections; `group()` keeps the last ones)."""
+        out = {}
+        for d in self.codec.depends(group):
+            tensors = (decoded or {}).get(d)
+            if tensors is None:
+                tensors = self.group(d)
+            for name, t in tensors.items():
+                out[name] = t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32) \
+                    .numpy().view(word_np_dtype(self.dtype))
+        return out
+
+    def _decode_group(self, group: str, alloc=None, stored: dict | None = None, deps: dict | None = None
+                      ) -> dict[str, torch.Tensor]:
         """alloc(nbytes) -> a writable uint8 array for the decoded words (default: a new array per section). With
         an alloc (a whole-model load, whose groups run in parallel) each section decodes on the calling thread.
-        `stored`: the sections' bytes by kind, already fetched (default: fetch them now, in one go)."""
+        `stored`: the sections' bytes by kind, already fetched (default: fetch them now, in one go). `deps`: a
+        callable giving the words of the groups this one depends on, called once its own sections are decoded
+        (default: `_dep_words`)."""
         threads = alloc is None
         recs = self._by_group[group]
         if stored is None:
@@ -270,7 +309,10 @@ class BBFReader:
             else:
                 raw[kind] = self.read_section(rec, None, threads, stored[kind])
         try:
-            parts = self._decoder.decode_tensors(group, raw, rooms, alloc)  # shapes == the checked tensor table's
+            kw = {}
+            if self.codec.depends(group):
+                kw["deps"] = deps() if deps is not None else self._dep_words(group)
+            parts = self._decoder.decode_tensors(group, raw, rooms, alloc, **kw)  # shapes == the checked table's
         except FormatError as e:
             rec = next(iter(self._by_group[group].values()))
             raise FormatError(f"{rec.label}: {e}") from None

@@ -69,6 +69,18 @@ class BBFWriter:
         self.url = url
 
     # ---- public -----------------------------------------------------------------------------------------
+    @property
+    def wants_ahead(self) -> tuple[str, ...]:
+        """Tensors of later groups the codec would like before the first group: pass them to `write_ahead` (`save`
+        does). Without them a codec writes its form that needs none (`exact`: no tied head, SPEC 12.6)."""
+        return self._encoder.wants_ahead() if self._next == 0 else ()
+
+    def write_ahead(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Give the codec the `wants_ahead` tensors (before the first group; they are written with their group)."""
+        if self._next:
+            raise BBFError("write_ahead comes before the first group")
+        self._encoder.ahead(tensors)
+
     def write_group(self, group: str, tensors: dict[str, torch.Tensor]) -> EncodedGroup:
         """Encode and write the next group (they must come in push order: embed, layer.0, ..., head)."""
         if self._next >= len(self._groups):
@@ -121,7 +133,9 @@ class BBFWriter:
         for i, data in enumerate(self._pending_aux):
             self._write_section(SectionData("aux", data, 1), -1, aux_id=i)
         self._stats["codec"] = self._encoder.finish()
-        header = build_header(self.desc, self.dtype, self.codec.config(), self._aux, self.metadata, self._stats)
+        params = self._encoder.codec_params()
+        config = self.codec.config() if params is None else {"id": self.codec.id, "params": params}
+        header = build_header(self.desc, self.dtype, config, self._aux, self.metadata, self._stats)
         self._pad()
         header_offset = self._sink.pos
         self._sink.write(header)
@@ -230,6 +244,9 @@ def save(tensors: dict[str, torch.Tensor], url: str, model: ModelDesc, *, codec:
     groups = model.groups()
     bar = _progress(len(groups), progress, f"encode ({codec if isinstance(codec, str) else codec.id})")
     with BBFWriter(url, model, codec=codec, dtype=dtype, **writer_kwargs) as w:
+        ahead = [n for n in w.wants_ahead if n in tensors]
+        if ahead:
+            w.write_ahead(tensors.group(ahead) if read is not None else {n: tensors[n] for n in ahead})
         for group in groups:
             names = [t.name for t in model.group_tensors(group)]
             missing = [n for n in names if n not in tensors]

@@ -126,8 +126,9 @@ def stage_plan(reader, world_size: int) -> list[dict]:
     for rank in range(world_size):
         s = pipeline_stage(rank, world_size, reader.model.num_layers)
         groups = s.groups()
+        deps = [d for g in groups for d in reader.codec.depends(g) if d not in groups]  # SPEC 6 (a tied head)
         out.append({"rank": rank, "layers": [s.layers.start, s.layers.stop], "groups": groups,
-                    "stored_bytes": sum(reader.group_stored_bytes(g) for g in groups)})
+                    "also_fetches": deps, "stored_bytes": sum(reader.group_stored_bytes(g) for g in groups + deps)})
     return out
 
 

@@ -95,16 +95,18 @@ def pca_scales(k: int, std: float) -> torch.Tensor:
 
 
 def random_slicegpt(desc: ModelDesc, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    scale: float = 0.03) -> dict[str, torch.Tensor]:
-    """Random SliceGPT-form weights for `desc`, keyed by SliceGPT name, in `desc.tensors()` order."""
+                    scale: float = 0.03, tied: bool = False) -> dict[str, torch.Tensor]:
+    """Random SliceGPT-form weights for `desc`, keyed by SliceGPT name, in `desc.tensors()` order. `tied`: as
+    SliceGPT slices a model whose head was tied to its embeddings E (V x d): embed = (E Q_emb)[:, :e_0] and
+    head = E diag(g) Q_L (g: the final norm's weights), each rounded to `dtype` on its own."""
     out: dict[str, torch.Tensor] = {}
-    for _, tensors in iter_random_slicegpt(desc, seed, dtype, scale):
+    for _, tensors in iter_random_slicegpt(desc, seed, dtype, scale, tied):
         out.update(tensors)
     return out
 
 
 def iter_random_slicegpt(desc: ModelDesc, seed: int = 0, dtype: torch.dtype = torch.float32,
-                         scale: float = 0.03) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+                         scale: float = 0.03, tied: bool = False) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """`random_slicegpt`'s weights (the same values) as (group, {name: tensor}) in push order."""
     gen = torch.Generator().manual_seed(seed)
     d = desc.hidden_size
@@ -119,6 +121,11 @@ def iter_random_slicegpt(desc: ModelDesc, seed: int = 0, dtype: torch.dtype = to
     for name in desc.embed_names():
         V, k = shapes[name]
         out[name] = randn(V, k, std=1.0) * pca_scales(k, scale).to(dtype)
+    if tied:  # the token embeddings and (below) the head: two linear views of one E
+        tokens = desc.embed_names()[0]
+        V, k = shapes[tokens]
+        E = torch.randn(V, d, generator=gen, dtype=torch.float64) * pca_scales(d, scale)
+        out[tokens] = (E @ q_in[:, :k]).to(dtype)
     yield "embed", out
     for i in range(desc.num_layers):
         names, lshapes = desc.layer_names(i), desc.layer_shapes(i)
@@ -135,7 +142,11 @@ def iter_random_slicegpt(desc: ModelDesc, seed: int = 0, dtype: torch.dtype = to
         q_in = q_out
         yield f"layer.{i}", {t.name: out[t.name] for t in desc.group_tensors(f"layer.{i}")}
     V, k = shapes["lm_head.weight"]
-    out = {"lm_head.weight": randn(V, k, std=1.0) * pca_scales(k, scale).to(dtype)}
+    if tied:
+        g = torch.rand(d, generator=gen, dtype=torch.float64) * 1.5 + 0.5
+        out = {"lm_head.weight": ((E * g) @ q_in[:, :k]).to(dtype)}
+    else:
+        out = {"lm_head.weight": randn(V, k, std=1.0) * pca_scales(k, scale).to(dtype)}
     if desc.lm_head_bias:
         out["lm_head.bias"] = randn(V, std=scale / 4)
     yield "head", out
