@@ -713,20 +713,45 @@ static int tied_avx2_ok = 0;
 #define HAVE_TIED_AVX2 1
 /* One row with AVX2 + F16C, 8 words at a time from an even nibble index (the same IEEE conversions, to nearest
  * even, as the scalar path); a group with an escape is finished word by word. Returns the non-finite flag. */
+/* expand16[m]: the pshufb control that puts 16-bit value i of a vector into the lane of the i-th set bit of m. */
+static uint8_t expand16[256][16];
+
+static void expand16_init(void) {
+    for (int m = 0; m < 256; m++) {
+        int i = 0;
+        for (int lane = 0; lane < 8; lane++) {
+            if (m >> lane & 1) {
+                expand16[m][2 * lane] = (uint8_t)(2 * i);
+                expand16[m][2 * lane + 1] = (uint8_t)(2 * i + 1);
+                i++;
+            } else {
+                expand16[m][2 * lane] = expand16[m][2 * lane + 1] = 0x80; /* zero (blended away) */
+            }
+        }
+    }
+}
+
 __attribute__((target("avx2,f16c"))) static uint32_t tied_row16_avx2(uint16_t *o, const uint16_t *e, const float *c,
                                                                       Py_ssize_t n, int kind, Resid *rs,
                                                                       Py_ssize_t nib_len) {
     const __m128i top = _mm_set1_epi16((short)0x8000), one = _mm_set1_epi16(1), ones = _mm_set1_epi16(-1);
     const __m128i fifteen = _mm_set1_epi16(15), expm = _mm_set1_epi16(kind == 0 ? 0x7F80 : 0x7C00);
+    const uint32_t mask = kind == 0 ? 0x7F80u : 0x7C00u;
     __m128i nonfinite = _mm_setzero_si128();
     uint32_t bad = 0;
     Py_ssize_t j = 0;
     if ((rs->g & 1) && n) {
-        bad |= (e[0] & (kind == 0 ? 0x7F80u : 0x7C00u)) == (kind == 0 ? 0x7F80u : 0x7C00u);
+        bad |= (e[0] & mask) == mask;
         o[0] = tied_apply16(tied_pred16(e[0], c[0], kind), (uint16_t)resid_next(rs));
         j = 1;
     }
-    for (; j + 8 <= n && (rs->g >> 1) + 4 <= nib_len; j += 8) { /* (a group reads 4 nibble bytes) */
+    /* branch-free over the escapes (a quarter of the groups have one, at random): every group loads the next 8
+     * escape words and spreads as many as it has escape nibbles into their lanes; the last groups, where fewer
+     * than 8 escape words are left, go word by word */
+    const uint8_t *nib = rs->nib, *esc = rs->esc;
+    Py_ssize_t g = rs->g, ei = rs->e;
+    const Py_ssize_t n_esc = rs->n_esc;
+    for (; j + 8 <= n && (g >> 1) + 4 <= nib_len && ei + 8 <= n_esc; j += 8, g += 8) {
         const __m128i ew = _mm_loadu_si128((const __m128i *)(e + j));
         nonfinite = _mm_or_si128(nonfinite, _mm_cmpeq_epi16(_mm_and_si128(ew, expm), expm));
         const __m256 cf = _mm256_loadu_ps(c + j);
@@ -741,23 +766,22 @@ __attribute__((target("avx2,f16c"))) static uint32_t tied_row16_avx2(uint16_t *o
             w = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(ew), cf), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         }
         uint32_t four;
-        memcpy(&four, rs->nib + (rs->g >> 1), 4);
+        memcpy(&four, nib + (g >> 1), 4);
         const __m128i x4 = _mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)four));
-        const __m128i zw = _mm_or_si128(_mm_and_si128(x4, _mm_set1_epi32(15)), _mm_slli_epi32(_mm_srli_epi32(x4, 4), 16));
-        if (_mm_movemask_epi8(_mm_cmpeq_epi16(zw, fifteen))) { /* an escape: word by word */
-            uint16_t pw[8];
-            _mm_storeu_si128((__m128i *)pw, w);
-            for (int t = 0; t < 8; t++) o[j + t] = tied_apply16(pw[t], (uint16_t)resid_next(rs));
-            continue;
-        }
-        rs->g += 8;
+        __m128i zw = _mm_or_si128(_mm_and_si128(x4, _mm_set1_epi32(15)), _mm_slli_epi32(_mm_srli_epi32(x4, 4), 16));
+        const __m128i is_esc = _mm_cmpeq_epi16(zw, fifteen);
+        const int em = _mm_movemask_epi8(_mm_packs_epi16(is_esc, _mm_setzero_si128())) & 0xFF; /* a bit per word */
+        const __m128i ev = _mm_loadu_si128((const __m128i *)(esc + ei * 2));
+        zw = _mm_blendv_epi8(zw, _mm_shuffle_epi8(ev, _mm_loadu_si128((const __m128i *)expand16[em])), is_esc);
+        ei += __builtin_popcount((unsigned)em);
         const __m128i key = _mm_xor_si128(w, _mm_or_si128(_mm_srai_epi16(w, 15), top));
         const __m128i d = _mm_xor_si128(_mm_srli_epi16(zw, 1), _mm_sub_epi16(_mm_setzero_si128(), _mm_and_si128(zw, one)));
         const __m128i k = _mm_add_epi16(key, d);
         _mm_storeu_si128((__m128i *)(o + j), _mm_xor_si128(k, _mm_or_si128(_mm_xor_si128(_mm_srai_epi16(k, 15), ones), top)));
     }
+    rs->g = g;
+    rs->e = ei;
     bad |= _mm_movemask_epi8(nonfinite) != 0;
-    const uint32_t mask = kind == 0 ? 0x7F80u : 0x7C00u;
     for (; j < n; j++) {
         bad |= (e[j] & mask) == mask;
         o[j] = tied_apply16(tied_pred16(e[j], c[j], kind), (uint16_t)resid_next(rs));
@@ -987,6 +1011,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     crc_init();
 #ifdef HAVE_TIED_AVX2
     __builtin_cpu_init();
+    expand16_init();
     tied_avx2_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
                    !getenv("BBF_NO_AVX2"); /* (the tests compare both paths) */
 #endif

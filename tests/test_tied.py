@@ -1,6 +1,7 @@
 """`exact`'s tied head (SPEC 12.6): a head that repeats the embeddings is stored as residuals against them."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -227,3 +228,27 @@ def test_a_decoded_tied_file_encodes_again_to_the_same_words(tmp_path):
         assert f.header["stats"]["groups"]["embed"]["tie_error"] < 2 ** -6
     for name, w in canon.items():
         assert np.array_equal(canon2[name], w), name
+
+
+def test_bbf_encode_and_verify_a_tied_checkpoint(tmp_path, capsys):
+    """`bbf encode` takes the tied form by default (--no-tied-head opts out), `bbf verify` checks it, `bbf-inspect`
+    reports it and names the embeddings a last pipeline stage also reads."""
+    from bbformat.cli import inspect as bbf_inspect
+    from bbformat.cli import main as bbf_main
+    from bbformat.models.slicegpt_io import save_slicegpt
+
+    desc = _desc("llama")
+    ck, _ = save_slicegpt(desc, random_slicegpt(desc, seed=9, dtype=torch.float16, tied=True), tmp_path / "m.pt")
+    for flags, params in (([], {"tied_head": True}), (["--no-tied-head"], {})):
+        out = tmp_path / f"m{len(flags)}.bbf"
+        assert bbf_main.main(["encode", str(ck), "-o", str(out), "-q", *flags]) == 0
+        with BBFReader(str(out)) as f:
+            assert f.header["codec"]["params"] == params
+        assert bbf_main.main(["verify", str(out), "--against", str(ck), "-q", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["values_over_threshold"] == 0
+    assert bbf_inspect.main([str(tmp_path / "m0.bbf"), "--stages", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "tied head (SPEC 12.6)" in text and "also reads embed" in text
+    with pytest.raises(BBFError, match="only apply to --codec exact"):
+        bbf_main._codec(bbf_main.build_parser().parse_args(["encode", str(ck), "-o", "x", "--codec", "raw",
+                                                            "--tied-head"]))

@@ -27,6 +27,10 @@ def _codec(args) -> tuple[str, dict]:
         if args.codec != "bitsback":
             raise BBFError("--threshold only applies to --codec bitsback")
         params["threshold"] = args.threshold
+    if getattr(args, "tied_head", None) is not None:
+        if args.codec != "exact":
+            raise BBFError("--tied-head / --no-tied-head only apply to --codec exact")
+        params["tied_head"] = args.tied_head
     get_codec(args.codec, params)  # validate early, before any work
     return args.codec, params
 
@@ -328,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--threshold", type=float, default=None,
                        help="bitsback: correct every decoded value further than this from the original "
                             "(default: the codec's, 0.005)")
+        q.add_argument("--tied-head", action=argparse.BooleanOptionalAction, default=None,
+                       help="exact: store the head as residuals against the embeddings (SPEC 12.6; default: when "
+                            "the source model tied them and they still follow from each other)")
         q.add_argument("--dtype", choices=WORD_DTYPE_NAMES, default=dtype_default,
                        help="word dtype stored in the file (default " +
                             (dtype_default or "the checkpoint's dtype") + ")")

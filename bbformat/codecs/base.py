@@ -126,6 +126,11 @@ class Codec:
     def params(self) -> dict[str, Any]:
         return {}
 
+    def as_read(self) -> "Codec":
+        """This codec as a file's header states it: any parameter a writer would decide from the data (None) takes
+        the value that absence means in a file (`exact`: no tied head)."""
+        return self
+
     def config(self) -> dict[str, Any]:
         return {"id": self.id, "params": self.params()}
 

@@ -678,6 +678,9 @@ class ExactCodec(Codec):
     def params(self):
         return {"tied_head": True} if self.tied_head else {}
 
+    def as_read(self):
+        return self if self.tied_head is not None else ExactCodec(False)
+
     def depends(self, group: str) -> tuple[str, ...]:
         return ("embed",) if self.tied_head and group == "head" else ()
 

@@ -123,18 +123,28 @@ class BBFReader:
         yield from self._pipeline(order, readahead, workers, cast=dtype)
 
     def stream_order(self) -> list[str]:
-        """stream()'s default order: the smallest group, then the rest largest first (ties: model order); a group
-        another one depends on (SPEC 6: `exact`'s tied head needs `embed`) moves to just before it."""
+        """stream()'s default order: the smallest group, then the rest largest first (ties: model order); a group that
+        depends on another (SPEC 6: `exact`'s tied head needs `embed`) comes after it (`_deps_first`)."""
         size = self._decoded_sizes()
         first = min(size, key=size.__getitem__)
         return self._deps_first([first] + sorted((g for g in size if g != first), key=lambda g: -size[g]))
 
     def _deps_first(self, order: list[str]) -> list[str]:
-        for g in list(order):
-            for d in self.codec.depends(g):
-                if d in order and order.index(d) > order.index(g):
-                    order.remove(d)
-                    order.insert(order.index(g), d)
+        """`order` with every group another one depends on before it. A dependent that has to move goes after its
+        dependency and after as many bytes of other groups as the dependency has: with a second decode thread
+        busy on those, it does not sit waiting for the dependency's words (SmolLM2: 12 ms of 40)."""
+        size = self._decoded_sizes()
+        for g in [g for g in order if self.codec.depends(g)]:
+            deps = [d for d in self.codec.depends(g) if d in order]
+            if not deps:
+                continue
+            order.remove(g)
+            i = max(order.index(d) for d in deps) + 1
+            work, need = 0, max(size[d] for d in deps)
+            while i < len(order) and work < need:
+                work += size[order[i]]
+                i += 1
+            order.insert(i, g)
         return order
 
     def _decoded_sizes(self) -> dict[str, int]:

@@ -140,7 +140,7 @@ def _codec(c: dict) -> Codec:
     if not isinstance(params, dict):
         raise FormatError(f"header: codec.params is {type(params).__name__}, expected a map")
     try:
-        return get_codec(cid, params)
+        return get_codec(cid, params).as_read()
     except UnknownCodecError:
         raise
     except BBFError as e:
