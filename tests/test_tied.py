@@ -252,3 +252,14 @@ def test_bbf_encode_and_verify_a_tied_checkpoint(tmp_path, capsys):
     with pytest.raises(BBFError, match="only apply to --codec exact"):
         bbf_main._codec(bbf_main.build_parser().parse_args(["encode", str(ck), "-o", "x", "--codec", "raw",
                                                             "--tied-head"]))
+
+
+def test_words_on_a_narrower_grid_keep_the_plain_form(tmp_path):
+    """float16 values in float32 words (SPEC 12.5): predictions would be off the grid, so the writer stays plain."""
+    desc = _desc("llama")
+    orig = {k: v.to(torch.float32) for k, v in random_slicegpt(desc, seed=10, dtype=torch.float16, tied=True).items()}
+    path, _ = _save(tmp_path, desc, orig, "float32")
+    with BBFReader(str(path)) as f:
+        assert f.header["codec"]["params"] == {}
+    with pytest.raises(BBFError, match="narrower grid"):
+        _save(tmp_path, desc, orig, "float32", "forced.bbf", tied_head=True)
