@@ -263,3 +263,24 @@ def test_words_on_a_narrower_grid_keep_the_plain_form(tmp_path):
         assert f.header["codec"]["params"] == {}
     with pytest.raises(BBFError, match="narrower grid"):
         _save(tmp_path, desc, orig, "float32", "forced.bbf", tied_head=True)
+
+
+def test_pipeline_stages_of_a_tied_file_over_http_give_the_whole_model(served_dir, http_url):
+    """The last stage fetches the embeddings too (its head decodes from them), over HTTP, and the chain of stages
+    gives the whole model's logits."""
+    desc = dataclasses.replace(tiny_desc("llama", num_layers=4, vocab_size=900), tie_word_embeddings=True)
+    bbformat.save(random_slicegpt(desc, seed=11, dtype=torch.float16, tied=True), str(served_dir / "tied.bbf"),
+                  model=desc, codec="exact")
+    url = f"{http_url}/tied.bbf"
+    ids = torch.randint(0, desc.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    x = ids
+    with torch.no_grad():
+        want = bbformat.load_model(url)(ids)
+        for rank in range(2):
+            with BBFReader(url) as f:
+                part = bbformat.load_model(f, stage=(rank, 2))
+                fetched = f.stats["bytes"]
+                plan = stage_plan(f, 2)[rank]
+            assert fetched >= plan["stored_bytes"] and plan["also_fetches"] == (["embed"] if rank else [])
+            x = part(x)
+    assert torch.equal(x, want)

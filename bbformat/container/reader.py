@@ -109,7 +109,9 @@ class BBFReader:
     def stream(self, readahead: int = 2, workers: int | None = None, dtype: torch.dtype | None = None,
                groups: list[str] | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """Yield (group, tensors) for `groups`, in that order; only their sections are fetched. Every group decodes
-        alone (SPEC 6), so any order and any subset are fine: model order is `f.model.groups()`.
+        alone (SPEC 6), so any order and any subset are fine: model order is `f.model.groups()`. The one exception,
+        a tied head (`exact`, SPEC 12.6), decodes from the embeddings too: from `embed`'s decode when `embed` comes
+        earlier in `groups` (which is then yielded once the head is decoded), else fetched and decoded for it.
 
         Default: every group, in `stream_order()`: the smallest group first (it arrives after one chunk), then the
         others largest first (what is left when the wire is done is small, as in `load_all`).
