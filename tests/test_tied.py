@@ -15,10 +15,11 @@ from bbformat import kernels
 from bbformat.codecs import get_codec
 from bbformat.container.reader import BBFReader
 from bbformat.errors import BBFError, FormatError
-from bbformat.models.sliced import SlicedLM
 from bbformat.models.stage import stage_plan
 from bbformat.models.synthetic import random_slicegpt, tiny_desc
 from bbformat.words import torch_dtype
+
+from test_exact import EPS, _logits  # (float64 logits of a tiny model; the dtypes' epsilons)
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -40,12 +41,6 @@ def _words(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32).numpy()
 
 
-def _logits(desc, tensors):
-    ids = torch.randint(0, desc.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        return SlicedLM(desc, tensors, dtype=torch.float64)(ids)
-
-
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tied_head_round_trip_is_bit_exact_and_keeps_the_logits(family, dtype, tmp_path):
@@ -60,8 +55,7 @@ def test_tied_head_round_trip_is_bit_exact_and_keeps_the_logits(family, dtype, t
         assert np.array_equal(_words(got[name]), w.view(_words(got[name]).dtype)), name
     ref = _logits(desc, {k: v.to(torch.float64) for k, v in orig.items()})
     out = _logits(desc, {k: v.to(torch.float64) for k, v in got.items()})
-    eps = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23}[dtype]
-    assert float((out - ref).abs().max()) <= 8 * eps * float(ref.abs().max())
+    assert float((out - ref).abs().max()) <= 8 * EPS[dtype] * float(ref.abs().max())
 
 
 def test_tied_head_is_much_smaller_than_the_untied_form(tmp_path):
@@ -284,3 +278,17 @@ def test_pipeline_stages_of_a_tied_file_over_http_give_the_whole_model(served_di
             assert fetched >= plan["stored_bytes"] and plan["also_fetches"] == (["embed"] if rank else [])
             x = part(x)
     assert torch.equal(x, want)
+
+
+def test_stream_keeps_a_tied_head_next_to_the_embeddings(tmp_path):
+    """stream()'s default order puts the head right after `embed` (which waits for it), so no other group is held
+    in between; a whole load spreads them (more work between them for the second thread)."""
+    desc = _desc("llama")
+    path, _ = _save(tmp_path, desc, random_slicegpt(desc, seed=12, dtype=torch.float16, tied=True), "float16")
+    with BBFReader(str(path)) as f:
+        order = f.stream_order()
+        assert order[order.index("embed") + 1] == "head"
+        size = f._decoded_sizes()
+        spread = f._deps_first(sorted(size, key=lambda g: -size[g]), spread=True)
+        between = spread[spread.index("embed") + 1:spread.index("head")]
+        assert between and sum(size[g] for g in between) >= size["embed"]

@@ -131,10 +131,12 @@ class BBFReader:
         first = min(size, key=size.__getitem__)
         return self._deps_first([first] + sorted((g for g in size if g != first), key=lambda g: -size[g]))
 
-    def _deps_first(self, order: list[str]) -> list[str]:
-        """`order` with every group another one depends on before it. A dependent that has to move goes after its
-        dependency and after as many bytes of other groups as the dependency has: with a second decode thread
-        busy on those, it does not sit waiting for the dependency's words (SmolLM2: 12 ms of 40)."""
+    def _deps_first(self, order: list[str], spread: bool = False) -> list[str]:
+        """`order` with every group that depends on another (a tied head) moved to just after it, or, with
+        `spread` (a whole load, where memory holds everything anyway), after it and as many bytes of other groups
+        as it has: a second decode thread busy with those does not sit waiting for its words (SmolLM2: 12 ms of
+        40). (A stream keeps it adjacent: the dependency is yielded once its dependent is decoded, so a gap would
+        hold the groups in between too.)"""
         size = self._decoded_sizes()
         for g in [g for g in order if self.codec.depends(g)]:
             deps = [d for d in self.codec.depends(g) if d in order]
@@ -142,7 +144,7 @@ class BBFReader:
                 continue
             order.remove(g)
             i = max(order.index(d) for d in deps) + 1
-            work, need = 0, max(size[d] for d in deps)
+            work, need = 0, max(size[d] for d in deps) if spread else 0
             while i < len(order) and work < need:
                 work += size[order[i]]
                 i += 1
@@ -158,7 +160,7 @@ class BBFReader:
         inside costs more than it gains: measured 15% more CPU). Remote: each group is decoded as soon as its bytes
         are in, while the next ones arrive; largest first, so that what is left when the wire is done is small."""
         size = self._decoded_sizes()
-        groups = self._deps_first(sorted(size, key=lambda g: -size[g]))
+        groups = self._deps_first(sorted(size, key=lambda g: -size[g]), spread=True)
         arena, out = _Arena(), {}
         with _gc_paused():
             # twice the stream's byte budget: a big group decoding slowly must not leave the wire idle, and a whole
