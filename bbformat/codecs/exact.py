@@ -43,7 +43,7 @@ from ..models.arch import ModelDesc, Symmetry
 from ..words import to_words, torch_dtype, word_bits, word_np_dtype, words_to_f64
 from .base import (Codec, EncodedGroup, GroupDecoder, GroupEncoder, SectionData, SectionSpec, Segment, new_bytes,
                    register_codec)
-from .canonical import GroupRotations, StreamingRotator
+from .canonical import SLAB_ELEMENTS, GroupRotations, StreamingRotator
 
 # Carrier candidates per kind of symmetry, by role, best first; the first eligible one (see `carriers`) is the
 # carrier. Shortcuts first: their rows have norm <= 1 (slices of products of orthonormal bases), so the triangle
@@ -159,21 +159,33 @@ def _sign_fix(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m[idx, torch.arange(m.shape[1])] < 0, -1.0, 1.0).to(m.dtype)
 
 
+def _row_slabs(rows: int, cols: int):
+    """Row ranges of about SLAB_ELEMENTS elements: the tied form's sums hold one slab in float64, not a tensor
+    (a 3B model's head is 3 GB of float64)."""
+    step = max(1, SLAB_ELEMENTS // max(cols, 1))
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 def fit_tie(embed: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(R_emb, R_L, relative RMS error of embed ~ head M): the rotations of the tied form (float64).
 
-    M by least squares (normal equations: one V x d x d product, no V x d x n one); M = U S V^T; R_emb = V and
-    R_L = [U | U_perp], signs fixed so that each column of V has its largest entry positive. U_perp (the head's
-    d - n directions the embeddings do not see) is made canonical too: the principal axes of head U_perp, in
-    descending order, each with its largest entry positive."""
-    E, H = embed.detach().to(torch.float64), head.detach().to(torch.float64)
-    n, d = E.shape[1], H.shape[1]
-    G, B = H.T @ H, H.T @ E
+    M by least squares (normal equations, summed over row slabs: one V x d x d product, no V x d x n one);
+    M = U S V^T; R_emb = V and R_L = [U | U_perp], signs fixed so that each column of V has its largest entry
+    positive. U_perp (the head's d - n directions the embeddings do not see) is made canonical too: the principal
+    axes of head U_perp, in descending order, each with its largest entry positive."""
+    n, d = embed.shape[1], head.shape[1]
+    G = torch.zeros(d, d, dtype=torch.float64)
+    B = torch.zeros(d, n, dtype=torch.float64)
+    e2 = 0.0
+    for rows in _row_slabs(head.shape[0], d + n):
+        E, H = embed[rows].detach().to(torch.float64), head[rows].detach().to(torch.float64)
+        G += H.T @ H
+        B += H.T @ E
+        e2 += float((E * E).sum())
     try:
         M = torch.linalg.solve(G, B)
     except RuntimeError:  # a singular head (e.g. all zeros): not a tie this form can use
         return None, None, float("inf")
-    e2 = float((E * E).sum())
     resid = e2 - 2 * float((M * B).sum()) + float((M * (G @ M)).sum())
     rel = (max(resid, 0.0) / e2) ** 0.5 if e2 > 0 else float("inf")
     U, _, Vh = torch.linalg.svd(M, full_matrices=True)
@@ -188,21 +200,28 @@ def fit_tie(embed: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torc
     return V, U, rel
 
 
+def _column_sums(e, h, to_f64) -> tuple:
+    """Per column: sum e^2, sum e h, sum h^2 (float64, over row slabs)."""
+    sums = None
+    for rows in _row_slabs(e.shape[0], 2 * e.shape[1]):
+        a, b = to_f64(e[rows]), to_f64(h[rows])
+        part = ((a * a).sum(0), (a * b).sum(0), (b * b).sum(0))
+        sums = part if sums is None else tuple(x + y for x, y in zip(sums, part))
+    return sums
+
+
 def aligned(embed: torch.Tensor, head: torch.Tensor) -> float:
     """Relative RMS error of head[:, :n] ~ embed * c (c per column, least squares): small when the input already
     is in the tied form (the slicer's output, or a file decoded and encoded again)."""
-    e = embed.detach().to(torch.float64)
-    h = head.detach()[:, :e.shape[1]].to(torch.float64)
-    ee, eh, hh = (e * e).sum(0), (e * h).sum(0), (h * h).sum(0)
+    ee, eh, hh = _column_sums(embed, head[:, :embed.shape[1]], lambda x: x.detach().to(torch.float64))
     resid = float((hh - torch.where(ee > 0, eh * eh / torch.where(ee > 0, ee, 1), 0)).sum())
     total = float(hh.sum())
     return (max(resid, 0.0) / total) ** 0.5 if total > 0 else float("inf")
 
 
-def tied_scales(e: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """c (float32): per column, the least-squares factor of h ~ c e (values in float64)."""
-    ee = np.einsum("ij,ij->j", e, e)
-    eh = np.einsum("ij,ij->j", e, h)
+def tied_scales(e: np.ndarray, h: np.ndarray, dtype: str) -> np.ndarray:
+    """c (float32): per column, the least-squares factor of h ~ c e, for words e and h."""
+    ee, eh, _ = _column_sums(e, h, lambda w: words_to_f64(np.ascontiguousarray(w), dtype))
     return np.where(ee > 0, eh / np.where(ee > 0, ee, 1), 0).astype(np.float32)
 
 
@@ -523,7 +542,7 @@ class _ExactEncoder(GroupEncoder):
         self._tied_embed = None
         if e is None:
             raise BBFError("codec 'exact': the tied head needs the embeddings encoded by this encoder first")
-        c = tied_scales(words_to_f64(e, self.dtype), words_to_f64(w[:, :n], self.dtype))
+        c = tied_scales(e, w[:, :n], self.dtype)
         scales[...] = c.view(scales.dtype)
         v, d = w.shape
         out.reshape(v, d - n)[...] = w[:, n:]
