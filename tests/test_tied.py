@@ -292,3 +292,24 @@ def test_stream_keeps_a_tied_head_next_to_the_embeddings(tmp_path):
         spread = f._deps_first(sorted(size, key=lambda g: -size[g]), spread=True)
         between = spread[spread.index("embed") + 1:spread.index("head")]
         assert between and sum(size[g] for g in between) >= size["embed"]
+
+
+def test_the_writer_codes_residuals_in_slabs_that_join_exactly():
+    """The encoder codes the residuals a slab of rows at a time (bounded memory): over several slabs and an odd
+    column count the section is byte for byte the one-shot coding."""
+    from bbformat.codecs import exact
+    from bbformat.codecs.canonical import SLAB_ELEMENTS
+
+    rng = np.random.default_rng(0)
+    n = 37
+    v = 2 * (SLAB_ELEMENTS // (16 * n)) + 3  # three slabs, the last one odd
+    e = _words(torch.from_numpy(rng.standard_normal((v, n))).to(torch.float16)).view(np.uint16)
+    w = _words(torch.from_numpy(rng.standard_normal((v, n + 5))).to(torch.float16)).view(np.uint16)
+    enc = exact.ExactCodec(True).encoder(_desc("llama"), "float16")
+    enc._tied_embed = e
+    scales, rest = np.empty(2 * n, np.uint16), np.empty(v * 5, np.uint16)
+    got = enc._put_tied_head(w, scales, rest, n)
+    c = scales.view(np.float32)
+    z = kernels.tied_residuals(np.ascontiguousarray(w[:, :n]), kernels.tied_predict(e, c, "float16"))
+    assert got == b"".join(kernels.tied_pack(z))
+    assert np.array_equal(rest.reshape(v, 5), w[:, n:])

@@ -182,19 +182,21 @@ def fit_tie(embed: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torc
         G += H.T @ H
         B += H.T @ E
         e2 += float((E * E).sum())
-    try:
-        M = torch.linalg.solve(G, B)
-    except RuntimeError:  # a singular head (e.g. all zeros): not a tie this form can use
-        return None, None, float("inf")
+    with _one_thread():  # (the factorisations: independent of the thread count; the products above use them all)
+        try:
+            M = torch.linalg.solve(G, B)
+        except RuntimeError:  # a singular head (e.g. all zeros): not a tie this form can use
+            return None, None, float("inf")
+        U, _, Vh = torch.linalg.svd(M, full_matrices=True)
     resid = e2 - 2 * float((M * B).sum()) + float((M * (G @ M)).sum())
     rel = (max(resid, 0.0) / e2) ** 0.5 if e2 > 0 else float("inf")
-    U, _, Vh = torch.linalg.svd(M, full_matrices=True)
     V = Vh.T
     sign = _sign_fix(V)
     V, U = V * sign, torch.cat([U[:, :n] * sign, U[:, n:]], 1)
     if d > n:
         P = U[:, n:]
-        ev, W = torch.linalg.eigh(P.T @ G @ P)
+        with _one_thread():
+            ev, W = torch.linalg.eigh(P.T @ G @ P)
         W = W.flip(1)
         U = torch.cat([U[:, :n], P @ (W * _sign_fix(W))], 1)
     return V, U, rel
@@ -345,8 +347,7 @@ def canonical_form(desc: ModelDesc, tensors: dict[str, torch.Tensor]) -> dict[st
     the tied form (SPEC 12.6), which the encoder then keeps as it is (`aligned`)."""
     tie = {}
     if desc.tie_word_embeddings and tie_possible(desc):
-        with _one_thread():
-            r_emb, r_out, err = fit_tie(tensors[EMBED_TOKENS[desc.family]], tensors[HEAD])
+        r_emb, r_out, err = fit_tie(tensors[EMBED_TOKENS[desc.family]], tensors[HEAD])
         if err <= TIE_TOLERANCE:
             tie = dict(zip(tied_symmetries(desc), (r_emb, r_out)))
     by_name = carriers(desc, bool(tie))
@@ -453,8 +454,7 @@ class _ExactEncoder(GroupEncoder):
             self._set_form(True)
             self._tie = dict.fromkeys(tied_symmetries(self.desc))
             return
-        with _one_thread():
-            r_emb, r_out, self.tie_error = fit_tie(emb, head)
+        r_emb, r_out, self.tie_error = fit_tie(emb, head)
         if self.tie_error <= TIE_TOLERANCE:
             self._set_form(True)
             self._tie = dict(zip(tied_symmetries(self.desc), (r_emb, r_out)))
@@ -546,8 +546,15 @@ class _ExactEncoder(GroupEncoder):
         scales[...] = c.view(scales.dtype)
         v, d = w.shape
         out.reshape(v, d - n)[...] = w[:, n:]
-        z = kernels.tied_residuals(np.ascontiguousarray(w[:, :n]), tied_prediction(e, c, self.dtype))
-        return b"".join(kernels.tied_pack(z))
+        nibbles, escapes = [], []
+        step = max(2, SLAB_ELEMENTS // (16 * n) // 2 * 2)  # even: only the last slab may end in a padding nibble
+        for a in range(0, v, step):  # a slab at a time: numpy's temporaries are each as large as the slab
+            rows = slice(a, min(v, a + step))
+            z = kernels.tied_residuals(np.ascontiguousarray(w[rows, :n]), tied_prediction(e[rows], c, self.dtype))
+            nib, esc = kernels.tied_pack(z)
+            nibbles.append(nib)
+            escapes.append(esc)
+        return b"".join(nibbles + escapes)
 
     def finish(self) -> dict:
         return {"saved_words": self.saved}
