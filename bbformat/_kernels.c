@@ -627,7 +627,8 @@ static PyObject *triangle(PyObject *self, PyObject *args) {
  * out (n + m words): word j < n is the prediction word(f32(e[r, j]) * c[j]) (a float32 product, then the word
  * dtype, both to nearest even) corrected by its residual z: the residuals, row-major, are nibbles (low nibble first),
  * 15 meaning "the next word of `escapes`"; the difference of the words' value-order keys is z unzigzagged. Words
- * n.. are rest[r]. kind: 0 bfloat16, 1 float16, 2 float32. */
+ * n.. are rest[r]. kind: 0 bfloat16, 1 float16, 2 float32. In place: rest may lie in out at word V*n on (row r is
+ * written only after rest's row r - 1 has been read, and below its row r: SPEC 12.6's informative note). */
 static inline uint16_t f32_to_f16(uint32_t x) {
     const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7FFFFFFFu;
     if (a >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u : 0)); /* inf (nan) */
@@ -825,7 +826,7 @@ static PyObject *tied_restore(PyObject *self, PyObject *args) {
                     nonfinite |= (er[j] & mask) == mask;
                     o[j] = tied_apply16(tied_pred16(er[j], cf[j], kind), (uint16_t)resid_next(&rs));
                 }
-                memcpy(o + n, (const uint16_t *)rest.buf + r * m, (size_t)(m * 2));
+                memmove(o + n, (const uint16_t *)rest.buf + r * m, (size_t)(m * 2)); /* (may overlap: in place) */
             } else {
                 const uint32_t *er = (const uint32_t *)e.buf + r * n;
                 uint32_t *o = (uint32_t *)out.buf + r * ld;
@@ -838,7 +839,7 @@ static PyObject *tied_restore(PyObject *self, PyObject *args) {
                     memcpy(&w, &p, 4);
                     o[j] = tied_apply32(w, resid_next(&rs));
                 }
-                memcpy(o + n, (const uint32_t *)rest.buf + r * m, (size_t)(m * 4));
+                memmove(o + n, (const uint32_t *)rest.buf + r * m, (size_t)(m * 4));
             }
         }
 #ifdef HAVE_TIED_AVX2

@@ -305,6 +305,7 @@ def tied_restore_numpy(out, e, c, nibbles, escapes, rest, dtype: str) -> None:
     z = tied_unpack(nibbles, escapes, rows * n, e.itemsize).reshape(rows, n)
     if np.any((e & e.dtype.type(mask)) == mask):
         raise ValueError("tied_restore: the embeddings hold a non-finite word")
+    rest = np.array(rest)  # (a copy: in place, rest lies in out's memory)
     out[:, :n] = _restore(tied_predict(e, c, dtype), z)
     out[:, n:] = rest
 

@@ -352,7 +352,7 @@ def main(argv=None) -> int:
             log(f"phase {p}" + (f" workers {w}" if w else "") + f" (load {loadavg()})")
             rows.append(subprocess_phase(args, p, **({"workers": w} if w else {})))
             log(json.dumps(rows[-1]))
-    total = {"llama2-7b": 32, "llama3-70b": 80}[args.shape]
+    total = {"llama2-7b": 32, "llama3-70b": 80, "llama3.2-3b": 28}[args.shape]
     print(table(rows, args.shape, args.blocks, total))
     write_json(args.json, {"shape": args.shape, "blocks": args.blocks, "rows": rows})
     return 0

@@ -583,7 +583,12 @@ class _ExactDecoder(GroupDecoder):
         """Words of room before the payload: the group's structural zeros. Every tensor then moves down (or stays)
         into its final place in the same buffer, so a group decodes into exactly its own size (a copy per
         carrier would leave its stored part unused: 0.6 GB over a whole 7B model)."""
-        return self._layout(group).saved if kind == self.codec.sections_for(group)[0] else 0
+        layout = self._layout(group)
+        if kind != self.codec.sections_for(group)[0]:
+            return 0
+        if layout.tied_n:  # the payload [scales | H[:, n:] | bias] ends where the head's words do: restore in place
+            return max(0, layout.residuals - layout.scale_words)
+        return layout.saved
 
     def decode_tensors(self, group: str, sections: dict[str, bytes], rooms: dict[str, np.ndarray] | None = None,
                        alloc=None, deps: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -600,8 +605,10 @@ class _ExactDecoder(GroupDecoder):
                               f"{layout.payload_words * wd.itemsize}")
         payload = np.frombuffer(data, dtype=wd)
         if layout.tied_n:
+            room = (rooms or {}).get(kind)
+            in_place = room is not None and room.size == layout.numel and room.dtype == wd
             return self._tied_head(layout, payload, sections.get("correction"),
-                                   (deps or {}).get(EMBED_TOKENS[self.desc.family]), alloc)
+                                   (deps or {}).get(EMBED_TOKENS[self.desc.family]), alloc, room if in_place else None)
         if any(len(sections.get(k) or b"") for k in self.codec.sections_for(group)[1:]):
             raise FormatError(f"group {group}: codec 'exact' has no corrections, but the correction section "
                               f"is not empty")
@@ -625,7 +632,10 @@ class _ExactDecoder(GroupDecoder):
         return out
 
 
-    def _tied_head(self, layout: _Layout, payload: np.ndarray, residuals, embed: np.ndarray | None, alloc) -> dict:
+    def _tied_head(self, layout: _Layout, payload: np.ndarray, residuals, embed: np.ndarray | None, alloc,
+                   room: np.ndarray | None = None) -> dict:
+        """`room`: the group's words, whose last words are the payload (`payload_room`): the head is restored in
+        place (its rows are written in order, each below the rest of the payload still to be read)."""
         n, wd = layout.tied_n, payload.dtype
         head = layout.tensors[0]
         v, d = head.shape
@@ -633,14 +643,15 @@ class _ExactDecoder(GroupDecoder):
             raise FormatError("the tied head needs the token embeddings' words (group embed) to decode")
         if residuals is None:
             raise FormatError("the tied head needs its correction section (the residuals)")
-        c = payload[:layout.scale_words].view(np.float32)
+        c = payload[:layout.scale_words].view(np.float32).copy()  # (in place, the head's rows overwrite them)
         if not np.all(np.isfinite(c)):
             raise FormatError("the tied head's scales are not all finite")
         src = layout.scale_words
         rest = payload[src:src + v * (d - n)].reshape(v, d - n)
         nb = (v * n + 1) // 2
         res = memoryview(residuals).cast("B")
-        out = {head.name: (alloc or new_bytes)(v * d * wd.itemsize).view(wd).reshape(v, d)}
+        buf = room if room is not None else (alloc or new_bytes)(v * d * wd.itemsize).view(wd)
+        out = {head.name: buf[:v * d].reshape(v, d)}
         try:
             kernels.tied_restore(out[head.name], embed, c, res[:nb], res[nb:], rest, self.dtype)
         except ValueError as e:
