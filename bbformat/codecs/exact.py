@@ -202,6 +202,13 @@ def fit_tie(embed: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torc
     return V, U, rel
 
 
+def tie_rotations(desc: ModelDesc, embed: torch.Tensor, head: torch.Tensor) -> tuple[dict | None, float]:
+    """({symmetry: rotation} of the tied form, or None when the embeddings do not follow from the head within
+    TIE_TOLERANCE; the fit's relative error)."""
+    r_emb, r_out, err = fit_tie(embed, head)
+    return (dict(zip(tied_symmetries(desc), (r_emb, r_out))) if err <= TIE_TOLERANCE else None), err
+
+
 def _column_sums(e, h, to_f64) -> tuple:
     """Per column: sum e^2, sum e h, sum h^2 (float64, over row slabs)."""
     sums = None
@@ -347,9 +354,7 @@ def canonical_form(desc: ModelDesc, tensors: dict[str, torch.Tensor]) -> dict[st
     the tied form (SPEC 12.6), which the encoder then keeps as it is (`aligned`)."""
     tie = {}
     if desc.tie_word_embeddings and tie_possible(desc):
-        r_emb, r_out, err = fit_tie(tensors[EMBED_TOKENS[desc.family]], tensors[HEAD])
-        if err <= TIE_TOLERANCE:
-            tie = dict(zip(tied_symmetries(desc), (r_emb, r_out)))
+        tie = tie_rotations(desc, tensors[EMBED_TOKENS[desc.family]], tensors[HEAD])[0] or {}
     by_name = carriers(desc, bool(tie))
     rot = StreamingRotator(desc, lambda sym, t: tie[sym.name] if sym.name in tie else None if sym.name not in by_name
                            else triangular_rotation(by_name[sym.name], t[by_name[sym.name].tensor]))
@@ -429,40 +434,33 @@ class _ExactEncoder(GroupEncoder):
         return {"tied_head": True} if self.tied else {}
 
     def _decide_tie(self, tensors: dict[str, torch.Tensor]) -> None:
-        """At the embeddings: fit the tie (SPEC 12.6) and take the tied form if the embeddings follow from the head."""
+        """At the embeddings: the tied form (SPEC 12.6) if the embeddings follow from the head given ahead, else
+        the plain one (or an error, with `tied_head=True`)."""
         head, self._head_input = self._head_input, None
-        if head is None:
-            if self.codec.tied_head:
-                raise BBFError("codec 'exact' with tied_head=True needs the head before the embeddings: write with "
-                               "bbformat.save, or call BBFWriter.write_ahead first")
-            self._set_form(False)
-            return
-        emb = tensors[EMBED_TOKENS[self.desc.family]]
+        tie, why = (None, "needs the head before the embeddings: write with bbformat.save, or call "
+                          "BBFWriter.write_ahead first") if head is None \
+            else self._tie_for(tensors[EMBED_TOKENS[self.desc.family]], head)
+        if tie is None and self.codec.tied_head:
+            raise BBFError(f"codec 'exact' with tied_head=True: {why}")
+        self._set_form(tie is not None)
+        self._tie = tie or {}
+
+    def _tie_for(self, emb: torch.Tensor, head: torch.Tensor) -> tuple[dict | None, str]:
+        """(the tied form's rotations by symmetry, or None; why not)."""
         if tuple(head.shape) != (emb.shape[0], self.desc.mlp_output_dims[-1]) or not _all_finite(head):
             raise ModelError(f"tensor {HEAD!r} given ahead has shape {tuple(head.shape)} or non-finite weights")
         if _input_grid(self.dtype, [emb, head]):
             # words on a narrower grid (SPEC 12.5, e.g. --keep-dtype float32 of float16 values): the predictions
             # are full-precision words, so every residual would span the grid's step (measured: 46.3 % against the
             # plain form's 43.8 % of the float32 layout); such inputs keep the plain form
-            if self.codec.tied_head:
-                raise BBFError("codec 'exact' with tied_head=True: the weights lie on a narrower grid than "
-                               f"{self.dtype} (SPEC 12.5); store them in that dtype for the tied head")
-            self._set_form(False)
-            return
+            return None, (f"the weights lie on a narrower grid than {self.dtype} (SPEC 12.5); store them in that "
+                          f"dtype for the tied head")
         self.tie_error = aligned(emb, head)
         if self.tie_error <= TIE_TOLERANCE:  # already in the tied form: keep it (no second rounding)
-            self._set_form(True)
-            self._tie = dict.fromkeys(tied_symmetries(self.desc))
-            return
-        r_emb, r_out, self.tie_error = fit_tie(emb, head)
-        if self.tie_error <= TIE_TOLERANCE:
-            self._set_form(True)
-            self._tie = dict(zip(tied_symmetries(self.desc), (r_emb, r_out)))
-        elif self.codec.tied_head:
-            raise BBFError(f"codec 'exact' with tied_head=True: the embeddings do not follow from the head (relative "
-                           f"error {self.tie_error:.3g} > {TIE_TOLERANCE:.3g}); the source model's head is not tied")
-        else:
-            self._set_form(False)
+            return dict.fromkeys(tied_symmetries(self.desc)), ""
+        tie, self.tie_error = tie_rotations(self.desc, emb, head)
+        return tie, (f"the embeddings do not follow from the head (relative error {self.tie_error:.3g} > "
+                     f"{TIE_TOLERANCE:.3g}); the source model's head is not tied")
 
     def _choose(self, sym: Symmetry, plan: GroupRotations) -> torch.Tensor | None:
         if sym.name in self._tie:

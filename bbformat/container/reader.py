@@ -24,7 +24,7 @@ import torch
 from ..codecs import entropy
 from ..codecs.base import new_bytes
 from ..errors import ChecksumError, FormatError, TruncatedError
-from ..words import from_words, word_np_dtype
+from ..words import from_words, to_words, word_np_dtype
 from .layout import FOOTER, PREAMBLE, RECORD, SUFFIX_GUESS, Footer, SectionRecord, check_preamble, crc32, parse_index
 from .schema import check_index, parse_header
 from ..io.fetch import FetchOptions, Prefetcher
@@ -294,9 +294,7 @@ class BBFReader:
             tensors = (decoded or {}).get(d)
             if tensors is None:
                 tensors = self.group(d)
-            for name, t in tensors.items():
-                out[name] = t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32) \
-                    .numpy().view(word_np_dtype(self.dtype))
+            out.update({name: to_words(t, self.dtype) for name, t in tensors.items()})  # (views: same dtype)
         return out
 
     def _decode_group(self, group: str, alloc=None, stored: dict | None = None, deps: dict | None = None

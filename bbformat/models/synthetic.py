@@ -124,12 +124,11 @@ def iter_random_slicegpt(desc: ModelDesc, seed: int = 0, dtype: torch.dtype = to
     out: dict[str, torch.Tensor] = {}
     for name in desc.embed_names():
         V, k = shapes[name]
-        out[name] = randn(V, k, std=1.0) * pca_scales(k, scale).to(dtype)
-    if tied:  # the token embeddings and (below) the head: two linear views of one E
-        tokens = desc.embed_names()[0]
-        V, k = shapes[tokens]
-        E = torch.randn(V, d, generator=gen, dtype=torch.float64) * pca_scales(d, scale)
-        out[tokens] = (E @ q_in[:, :k]).to(dtype)
+        if tied and name == desc.embed_names()[0]:  # the token embeddings and (below) the head: views of one E
+            E = torch.randn(V, d, generator=gen, dtype=torch.float64) * pca_scales(d, scale)
+            out[name] = (E @ q_in[:, :k]).to(dtype)
+        else:
+            out[name] = randn(V, k, std=1.0) * pca_scales(k, scale).to(dtype)
     yield "embed", out
     for i in range(desc.num_layers):
         names, lshapes = desc.layer_names(i), desc.layer_shapes(i)
