@@ -92,6 +92,27 @@ def test_word_size_one_is_plain_zstd():
     assert compress1(noise, 1, (), "float16") == (entropy.METHOD_NONE, noise)
 
 
+@pytest.mark.parametrize("zeros, mixed", [(200, False), (2000, True)])
+def test_a_stream_zstd_barely_shrinks_is_stored_whole(zeros, mixed):
+    """Chunks that zstd shrinks are coded, unless all of them save < 1 % of the stream: then every chunk is stored
+    (a reader views a stream stored whole; it copies the stored chunks of a mixed one)."""
+    chunk, n_chunks = 4096, 8
+    data = np.random.default_rng(2).integers(0, 256, chunk * n_chunks, dtype=np.uint8)
+    data[chunk:chunk + zeros] = 0  # one chunk zstd can shrink: by < 1 % of the stream, or by far more
+    head, parts = bytearray(), []
+    entropy._encode_stream(head, parts, data, entropy._byte_params(3), chunk)
+    ref = entropy._read_stream(entropy._Reader(memoryview(bytes(head))), len(data), chunk, [0], "test stream")
+    assert [c[4] for c in ref.chunks] == [False, mixed] + [False] * (n_chunks - 2)
+    assert ref.stored == (not mixed)
+    stored = memoryview(b"".join(parts))
+    tasks = []
+    out = entropy._stream_array(stored, 0, ref, tasks, "test stream")
+    for t in tasks:
+        t()
+    assert np.array_equal(out, data)
+    assert (len(stored) < len(data) - 100) == mixed
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_incompressible_words_are_stored_raw(dtype):
     np_word = np.uint32 if dtype == "float32" else np.uint16

@@ -291,7 +291,15 @@ class ModelDesc:
 
     # ---- symmetries ---------------------------------------------------------------------------------
     def symmetries(self) -> list[Symmetry]:
-        """All 2L+1 rotational symmetries, in the order a streaming encoder meets them."""
+        """All 2L+1 rotational symmetries, in the order a streaming encoder meets them (computed once, as
+        `_layout`: a reader asks for them several times per open)."""
+        cached = self.__dict__.get("_cached_symmetries")
+        if cached is None:
+            cached = tuple(self._build_symmetries())
+            object.__setattr__(self, "_cached_symmetries", cached)
+        return list(cached)
+
+    def _build_symmetries(self) -> list[Symmetry]:
         L = self.num_layers
         syms: list[Symmetry] = []
         n0 = self.layer_names(0)
