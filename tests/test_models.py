@@ -260,3 +260,58 @@ def test_cached_forward_in_pieces_equals_one_forward(family):
     got = torch.cat(parts, 1)
     assert cache.get_seq_length() == 11
     assert (got - full).abs().max() < 1e-12 * full.abs().max()
+
+
+# ---- further symmetries (not removed by any codec): each really leaves the logits unchanged ------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_further_symmetries_leave_logits_unchanged(family):
+    from bbformat.models import further_symmetries as fs
+
+    desc = tiny_desc(family)
+    w = random_slicegpt(desc, seed=6, dtype=torch.float64)
+    ids = _ids(desc)
+    model = lambda t: SlicedLM(desc, t, dtype=torch.float64)(ids)  # noqa: E731
+    ref = model(w)
+    gen = torch.Generator().manual_seed(7)
+    hd, F = desc.head_dim, desc.intermediate_size
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    qk = fs.rope_commuting(desc, gen) if family == "llama" else rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64)
+    scale = rand(F).abs() + 0.5
+    if family == "llama":  # SwiGLU takes any s != 0, ReLU only s > 0
+        scale = scale * torch.sign(rand(F))
+    moves = {"vo": lambda t: fs.apply_vo(t, desc, 1, desc.num_kv_heads - 1,
+                                         rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64)),
+             "qk": lambda t: fs.apply_qk(t, desc, 0, 0, qk),
+             "mlp": lambda t: fs.apply_mlp_scale(t, desc, 2, scale)}
+    for name, move in moves.items():
+        moved = dict(w)
+        move(moved)
+        assert any(not torch.equal(moved[k], w[k]) for k in w), name
+        err = (model(moved) - ref).abs().max() / ref.abs().max()
+        assert err < 1e-9, (name, err.item())
+    # negative controls, which must change the logits: V moved without O; with RoPE, a matrix that does not
+    # commute with the position rotations; through ReLU, negative scales
+    n = desc.layer_names(1)
+    broken = dict(w)
+    fs.apply_vo(broken, desc, 1, 0, rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64))
+    broken[n["o"]] = w[n["o"]]
+    assert (model(broken) - ref).abs().max() / ref.abs().max() > 1e-4
+    if family == "llama":
+        broken = dict(w)
+        fs.apply_qk(broken, desc, 0, 0, rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64))
+        assert (model(broken) - ref).abs().max() / ref.abs().max() > 1e-4
+    else:
+        broken = dict(w)
+        fs.apply_mlp_scale(broken, desc, 2, -scale)
+        assert (model(broken) - ref).abs().max() / ref.abs().max() > 1e-4
+
+
+def test_further_symmetry_budget_on_smollm2_and_opt_shapes():
+    from bbformat.models import further_symmetries as fs
+
+    smol = {b.name: b for b in fs.budget(example_desc("smollm2-135m", 0.25))}
+    assert smol["vo"].words_orthogonal == 30 * 3 * 64 * 63 // 2 and smol["vo"].words_full == 30 * 3 * 64 * 64
+    assert smol["qk"].words_full == 30 * 3 * 64 and smol["mlp"].words_full == 30 * 1536
+    assert 30 * 14_000 < smol["perm"].bits < 30 * 14_100  # log2(1536!) = 14,043 bits per layer, + heads
+    opt = {b.name: b for b in fs.budget(example_desc("opt-125m", 0.25))}
+    assert opt["qk"].words_full == 12 * 12 * 64 * 64 and opt["mlp"].words_full == 12 * 3072
