@@ -300,6 +300,8 @@ def run_installed(argv: list[str]) -> int:
                         str(wheel)], check=True)
         env = dict(os.environ, PYTHONPATH=str(site))
         args = [a for a in argv if a != "--installed"]
+        # it runs in the temporary directory (so the tree is not importable): a relative --json is the caller's
+        args = [str(Path(a).resolve()) if i and args[i - 1] == "--json" else a for i, a in enumerate(args)]
         return subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], env=env, cwd=tmp).returncode
 
 
