@@ -275,12 +275,12 @@ def test_further_symmetries_leave_logits_unchanged(family):
     gen = torch.Generator().manual_seed(7)
     hd, F = desc.head_dim, desc.intermediate_size
     rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    qk = fs.rope_commuting(desc, gen) if family == "llama" else rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64)
+    invertible = lambda: rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64)  # noqa: E731 (well conditioned)
+    qk = fs.rope_commuting(desc, gen) if family == "llama" else invertible()
     scale = rand(F).abs() + 0.5
     if family == "llama":  # SwiGLU takes any s != 0, ReLU only s > 0
         scale = scale * torch.sign(rand(F))
-    moves = {"vo": lambda t: fs.apply_vo(t, desc, 1, desc.num_kv_heads - 1,
-                                         rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64)),
+    moves = {"vo": lambda t: fs.apply_vo(t, desc, 1, desc.num_kv_heads - 1, invertible()),
              "qk": lambda t: fs.apply_qk(t, desc, 0, 0, qk),
              "mlp": lambda t: fs.apply_mlp_scale(t, desc, 2, scale)}
     for name, move in moves.items():
@@ -293,12 +293,12 @@ def test_further_symmetries_leave_logits_unchanged(family):
     # commute with the position rotations; through ReLU, negative scales
     n = desc.layer_names(1)
     broken = dict(w)
-    fs.apply_vo(broken, desc, 1, 0, rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64))
+    fs.apply_vo(broken, desc, 1, 0, invertible())
     broken[n["o"]] = w[n["o"]]
     assert (model(broken) - ref).abs().max() / ref.abs().max() > 1e-4
     if family == "llama":
         broken = dict(w)
-        fs.apply_qk(broken, desc, 0, 0, rand(hd, hd) + 3 * torch.eye(hd, dtype=torch.float64))
+        fs.apply_qk(broken, desc, 0, 0, invertible())
         assert (model(broken) - ref).abs().max() / ref.abs().max() > 1e-4
     else:
         broken = dict(w)

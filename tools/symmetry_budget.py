@@ -29,10 +29,11 @@ def rows_for(name: str, sparsity: float) -> list[dict]:
     desc = example_desc(name, sparsity)
     total = desc.num_params()
     codec = get_codec("exact", {"tied_head": False})
-    today = sum(s.free_params for s in codec.symmetries_removed(desc))
+    removed = codec.symmetries_removed(desc)
+    today = sum(s.free_params for s in removed)
     rows = [{"model": name, "symmetry": "exact today (residual stream)", "orth": today, "full": today,
              "orth_pct": 100 * today / total, "full_pct": 100 * today / total, "bits_kb": None,
-             "note": f"{len(codec.symmetries_removed(desc))} symmetries, {total:,} words"}]
+             "note": f"{len(removed)} symmetries, {total:,} words"}]
     for b in budget(desc):
         rows.append({"model": name, "symmetry": b.name, "orth": b.words_orthogonal, "full": b.words_full,
                      "orth_pct": 100 * b.words_orthogonal / total, "full_pct": 100 * b.words_full / total,

@@ -108,11 +108,8 @@ def carriers(desc: ModelDesc, tied: bool = False) -> dict[str, Carrier]:
     padding tokens first or last, and untrained ones often share one row (SmolLM2's first 432 rows have rank 425),
     which would make the canonical form depend on rounding noise (it changes with the BLAS thread count).
     `tied`: the tied-head form (SPEC 12.6), where `emb` and `out.L-1` have no carrier (their rotations align the
-    head with the embeddings). Computed once per description (a reader asks twice per open)."""
-    key = f"_cached_carriers_{bool(tied)}"
-    if key not in desc.__dict__:
-        object.__setattr__(desc, key, _find_carriers(desc, tied))  # (a frozen dataclass: its fields never change)
-    return dict(desc.__dict__[key])
+    head with the embeddings)."""
+    return dict(desc.memo(f"carriers.{bool(tied)}", lambda: _find_carriers(desc, tied)))
 
 
 def _find_carriers(desc: ModelDesc, tied: bool) -> dict[str, Carrier]:

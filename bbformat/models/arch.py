@@ -251,17 +251,24 @@ class ModelDesc:
         """Every tensor of the SliceGPT layout, in file (push) order."""
         return list(self._layout()[0])
 
+    def memo(self, key: str, build):
+        """build(), computed once per description and kept on it (frozen: the fields never change, so neither do
+        the values derived from them). For what a reader asks for many times per open: layout, symmetries,
+        carriers."""
+        cache = self.__dict__.setdefault("_memo", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
     def _layout(self) -> tuple[tuple[TensorInfo, ...], dict[str, list[TensorInfo]]]:
-        """(tensors, group -> its tensors), computed once: a reader asks for them once per group."""
-        cached = self.__dict__.get("_cached_layout")
-        if cached is None:
+        """(tensors, group -> its tensors): a reader asks for them once per group."""
+        def build():
             ts = tuple(self._build_tensors())
             by_group: dict[str, list[TensorInfo]] = {g: [] for g in self.groups()}
             for t in ts:
                 by_group[t.group].append(t)
-            cached = (ts, by_group)
-            object.__setattr__(self, "_cached_layout", cached)  # frozen: the fields never change
-        return cached
+            return ts, by_group
+        return self.memo("layout", build)
 
     def _build_tensors(self) -> list[TensorInfo]:
         out = [TensorInfo(self.prefix + "embed_tokens.weight", (self.vocab_size, self.embedding_dims[0]), "embed")]
@@ -291,13 +298,8 @@ class ModelDesc:
 
     # ---- symmetries ---------------------------------------------------------------------------------
     def symmetries(self) -> list[Symmetry]:
-        """All 2L+1 rotational symmetries, in the order a streaming encoder meets them (computed once, as
-        `_layout`: a reader asks for them several times per open)."""
-        cached = self.__dict__.get("_cached_symmetries")
-        if cached is None:
-            cached = tuple(self._build_symmetries())
-            object.__setattr__(self, "_cached_symmetries", cached)
-        return list(cached)
+        """All 2L+1 rotational symmetries, in the order a streaming encoder meets them."""
+        return list(self.memo("symmetries", lambda: tuple(self._build_symmetries())))
 
     def _build_symmetries(self) -> list[Symmetry]:
         L = self.num_layers
