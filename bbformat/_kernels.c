@@ -52,10 +52,11 @@ static inline void put_word(const Out *o, Py_ssize_t i, uint8_t t) {
 }
 
 /* Residuals res[0 .. n) -> the words at piece positions i0 .. i0 + n - 1. Each gets base bv[t] (per element, when
- * bv is given: a by_cols piece) or bc (one base: a row); with nibbles, residual 15 takes the next escape instead.
+ * bv is given: a by_cols piece) or bc (one base: a row); with nibbles, residual 15 takes the next escape instead: of
+ * stream st, or, when ecls is given (a whole row of a by_cols piece), of stream st + ecls[t].
  * Returns 0, or -1 when the escapes run out. */
 static int decode_seg(const Out *o, Stream *st, const uint8_t *res, Py_ssize_t i0, Py_ssize_t n, const uint8_t *bv,
-                      uint8_t bc) {
+                      uint8_t bc, const uint8_t *ecls) {
     Py_ssize_t t = 0;
 #if defined(__SSE2__)
     if (o->ws == 2) { /* 16 words per step; a step with an escape patches its top bytes one by one */
@@ -68,8 +69,10 @@ static int decode_seg(const Out *o, Stream *st, const uint8_t *res, Py_ssize_t i
                 uint8_t buf[16];
                 _mm_storeu_si128((__m128i *)buf, top);
                 for (; mask; mask &= mask - 1) {
-                    if (st->e >= st->n_esc) return -1;
-                    buf[__builtin_ctz((unsigned)mask)] = st->esc[st->e++];
+                    const int lane = __builtin_ctz((unsigned)mask);
+                    Stream *es = ecls ? st + ecls[t + lane] : st;
+                    if (es->e >= es->n_esc) return -1;
+                    buf[lane] = es->esc[es->e++];
                 }
                 top = _mm_loadu_si128((const __m128i *)buf);
             }
@@ -85,8 +88,9 @@ static int decode_seg(const Out *o, Stream *st, const uint8_t *res, Py_ssize_t i
     for (; t < n; t++) {
         const uint8_t r = res[t];
         if (o->nibbles && r == ESCAPE) {
-            if (st->e >= st->n_esc) return -1;
-            put_word(o, i0 + t, st->esc[st->e++]);
+            Stream *es = ecls ? st + ecls[t] : st;
+            if (es->e >= es->n_esc) return -1;
+            put_word(o, i0 + t, es->esc[es->e++]);
         } else {
             put_word(o, i0 + t, (uint8_t)(r + (bv ? bv[t] : bc)));
         }
@@ -114,8 +118,34 @@ static void unpack_nibbles(Stream *st, Py_ssize_t m) {
     st->avail = m;
 }
 
+/* The stream's next n residuals into dst, nibbles unpacked (a by_cols piece's streams are read only so, from any
+ * nibble position; a row piece's go through unpack_nibbles' batches). dst has room for n + 31 bytes: the bytes
+ * after the n may be overwritten (with the next class's residuals of the same row, filled in after them). */
+static void take(const Out *o, Stream *st, uint8_t *dst, Py_ssize_t n) {
+    Py_ssize_t q = st->q, t = 0;
+    if (!o->nibbles) {
+        memcpy(dst, st->s + q, (size_t)n);
+        st->q = q + n;
+        return;
+    }
+    const uint8_t *s = st->s;
+    if ((q & 1) && n) dst[t++] = s[q++ >> 1] >> 4;
+#if defined(__SSE2__)
+    const __m128i m15 = _mm_set1_epi8(15);
+    const Py_ssize_t bytes = (st->total + 1) / 2; /* the stream's length: no read past it */
+    for (; t < n && (q >> 1) + 16 <= bytes; t += 32, q += 32) { /* q is even here; may run up to 31 past n */
+        const __m128i v = _mm_loadu_si128((const __m128i *)(s + (q >> 1)));
+        const __m128i lo = _mm_and_si128(v, m15), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
+        _mm_storeu_si128((__m128i *)(dst + t), _mm_unpacklo_epi8(lo, hi));
+        _mm_storeu_si128((__m128i *)(dst + t + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+#endif
+    for (; t < n; t++, q++) dst[t] = (q & 1) ? s[q >> 1] >> 4 : s[q >> 1] & 15;
+    st->q = q - (t - n); /* (t - n: the residuals unpacked past n) */
+}
+
 /* The stream's next n symbols -> the words at piece positions i0 .. i0 + n - 1 (see decode_seg). */
-static int decode_run(const Out *o, Stream *st, Py_ssize_t i0, Py_ssize_t n, const uint8_t *bv, uint8_t bc) {
+static int decode_run(const Out *o, Stream *st, Py_ssize_t i0, Py_ssize_t n, uint8_t bc) {
     for (Py_ssize_t done = 0, len; done < n; done += len) {
         const uint8_t *res;
         if (o->nibbles) {
@@ -128,7 +158,7 @@ static int decode_run(const Out *o, Stream *st, Py_ssize_t i0, Py_ssize_t n, con
             res = st->s + st->q;
             st->q += len;
         }
-        if (decode_seg(o, st, res, i0 + done, len, bv ? bv + done : NULL, bc)) return -1;
+        if (decode_seg(o, st, res, i0 + done, len, NULL, bc, NULL)) return -1;
     }
     return 0;
 }
@@ -157,7 +187,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     PyObject *pseq = NULL, *sseq = NULL, *eseq = NULL;
     Py_buffer pbuf[3], sbuf[MAX_CLASSES], ebuf[MAX_CLASSES];
     Py_ssize_t np_ = 0, got_p = 0, got_s = 0, got_e = 0, K = 0;
-    uint8_t *bv = NULL, *tmp = NULL;
+    uint8_t *bv = NULL, *tmp = NULL, *row = NULL;
     const char *err = NULL;
     char msg[160];
     if (!(pseq = PySequence_Fast(planes, "planes must be a sequence of buffers"))) goto done;
@@ -195,7 +225,11 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     Out o = {(int)ws, nibbles, (const uint8_t *)pbuf[0].buf + offset,
              ws == 4 ? (const uint8_t *)pbuf[1].buf + offset : NULL, ws == 4 ? (const uint8_t *)pbuf[2].buf + offset : NULL,
              (uint16_t *)out.buf + offset, (uint32_t *)out.buf + offset};
-    if (!(tmp = malloc((size_t)K * BATCH)) || !(bv = malloc((size_t)n_lines + 1))) { PyErr_NoMemory(); goto done; }
+    if (!(tmp = malloc((size_t)K * BATCH)) || !(bv = malloc((size_t)n_lines + 1)) ||
+        (by_cols && !(row = malloc((size_t)cols + 32)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
     Stream st[MAX_CLASSES];
     for (Py_ssize_t c = 0; c < K; c++) {
         const Py_ssize_t total = count[c] * (by_cols ? rows : cols);
@@ -211,11 +245,14 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t y = 0; y < rows && !bad; y++) { /* row by row, so the words are written in order */
         if (!by_cols) {
-            bad = decode_run(&o, &st[c8[y]], y * cols, cols, NULL, bv[y]);
+            bad = decode_run(&o, &st[c8[y]], y * cols, cols, bv[y]);
             continue;
         }
-        for (Py_ssize_t c = 0; c < K && !bad; c++)
-            if (count[c]) bad = decode_run(&o, &st[c], y * cols + first[c], count[c], bv + first[c], 0);
+        /* a by_cols row: each class's next residuals into their range of columns, then the whole row in one pass
+         * (column ranges are short, a few words in the head's case: one pass per range was 3x slower per word) */
+        for (Py_ssize_t c = 0; c < K; c++)
+            if (count[c]) take(&o, &st[c], row + first[c], count[c]);
+        bad = decode_seg(&o, st, row, y * cols, cols, bv, 0, c8);
     }
     Py_END_ALLOW_THREADS
     if (bad) { err = "the escape stream is too short"; goto done; }
@@ -226,6 +263,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
             goto done;
         }
 done:
+    free(row);
     free(bv);
     free(tmp);
     for (Py_ssize_t j = 0; j < got_p; j++) PyBuffer_Release(&pbuf[j]);
