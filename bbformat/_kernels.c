@@ -29,7 +29,23 @@ typedef struct {
     const uint8_t *p0, *p1, *p2; /* the low planes, from the piece's first word */
     uint16_t *o2;                /* the words, from the piece's first word (ws 2) */
     uint32_t *o4;                /* (ws 4) */
+    /* float16 with split exponents (SPEC 13.4): the top byte is (top << 3 | m), m from three bit-planes; m0..m2
+     * start at the window's word 0, which is word -moff of the piece; mlen bytes each (NULL: no split) */
+    const uint8_t *m0, *m1, *m2;
+    Py_ssize_t moff, mlen;
 } Out;
+
+/* The split mantissa bits m of piece word i (SPEC 13.4: bit j of m is bit (k mod 8) of byte k / 8 of plane j, k the
+ * word's index in the window) */
+static inline uint8_t mant3(const Out *o, Py_ssize_t i) {
+    const Py_ssize_t k = o->moff + i, b = k >> 3;
+    const int sh = (int)(k & 7);
+    return (uint8_t)(((o->m0[b] >> sh) & 1) | ((o->m1[b] >> sh) & 1) << 1 | ((o->m2[b] >> sh) & 1) << 2);
+}
+
+static inline uint8_t split_top(const Out *o, Py_ssize_t i, uint8_t t) {
+    return o->m0 ? (uint8_t)(t << 3 | mant3(o, i)) : t;
+}
 
 /* One class's symbol stream being decoded. */
 typedef struct {
@@ -42,6 +58,7 @@ typedef struct {
 } Stream;
 
 static inline void put_word(const Out *o, Py_ssize_t i, uint8_t t) {
+    t = split_top(o, i, t);
     if (o->ws == 2) {
         const uint16_t w = (uint16_t)(t << 8 | o->p0[i]);
         o->o2[i] = (uint16_t)(w >> 1 | w << 15);
@@ -55,13 +72,87 @@ static inline void put_word(const Out *o, Py_ssize_t i, uint8_t t) {
  * bv is given: a by_cols piece) or bc (one base: a row); with nibbles, residual 15 takes the next escape instead: of
  * stream st, or, when ecls is given (a whole row of a by_cols piece), of stream st + ecls[t].
  * Returns 0, or -1 when the escapes run out. */
+#if defined(__SSE2__)
+/* bits k .. k + 15 of a bit-plane as 16 bytes of 0 / 1 << j (4 bytes are read from byte k / 8 on) */
+static inline __m128i plane_bits16(const uint8_t *plane, Py_ssize_t k, int j) {
+    uint32_t v;
+    memcpy(&v, plane + (k >> 3), 4);
+    __m128i x = _mm_cvtsi32_si128((int)((v >> (k & 7)) & 0xFFFF));
+    x = _mm_unpacklo_epi8(x, x);
+    x = _mm_unpacklo_epi16(x, x);
+    x = _mm_unpacklo_epi32(x, x); /* bytes 0-7: bits 0-7, bytes 8-15: bits 8-15 */
+    const __m128i bit = _mm_set_epi8((char)128, 64, 32, 16, 8, 4, 2, 1, (char)128, 64, 32, 16, 8, 4, 2, 1);
+    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(x, bit), bit), _mm_set1_epi8((char)(1 << j)));
+}
+#endif
+
+static int decode_avx2_ok = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_DECODE_AVX2 1
+/* decode_seg's bulk for ws 2 on AVX2: 32 words per step, from *pt on (advanced past the steps done). */
+__attribute__((target("avx2"))) static int decode_seg_avx2(const Out *o, Stream *st, const uint8_t *res,
+                                                           Py_ssize_t i0, Py_ssize_t n, const uint8_t *bv,
+                                                           uint8_t bc, const uint8_t *ecls, Py_ssize_t *pt) {
+    const __m256i m15 = _mm256_set1_epi8(15), vb = _mm256_set1_epi8((char)bc), f8 = _mm256_set1_epi8((char)0xF8);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    Py_ssize_t t = *pt, n32 = n; /* split mantissa bits: a step reads 8 bytes of each bit-plane from byte k / 8 */
+    if (o->m0 && (o->mlen - 7) * 8 - (o->moff + i0) + 31 < n32) n32 = (o->mlen - 7) * 8 - (o->moff + i0) + 31;
+    for (; t + 32 <= n32; t += 32) {
+        const __m256i r = _mm256_loadu_si256((const __m256i *)(res + t));
+        unsigned mask = o->nibbles ? (unsigned)_mm256_movemask_epi8(_mm256_cmpeq_epi8(r, m15)) : 0;
+        __m256i top = _mm256_add_epi8(r, bv ? _mm256_loadu_si256((const __m256i *)(bv + t)) : vb);
+        if (mask) {
+            uint8_t buf[32];
+            _mm256_storeu_si256((__m256i *)buf, top);
+            for (; mask; mask &= mask - 1) {
+                const int lane = __builtin_ctz(mask);
+                Stream *es = ecls ? st + ecls[t + lane] : st;
+                if (es->e >= es->n_esc) return -1;
+                buf[lane] = es->esc[es->e++];
+            }
+            top = _mm256_loadu_si256((const __m256i *)buf);
+        }
+        if (o->m0) { /* bit k + i of plane j -> bit j of byte i */
+            const Py_ssize_t k = o->moff + i0 + t;
+            const uint8_t *pl[3] = {o->m0, o->m1, o->m2};
+            __m256i m = _mm256_and_si256(_mm256_slli_epi16(top, 3), f8);
+            for (int j = 0; j < 3; j++) {
+                uint64_t v;
+                memcpy(&v, pl[j] + (k >> 3), 8);
+                const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32((int)(uint32_t)(v >> (k & 7))), spread);
+                m = _mm256_or_si256(m, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(x, bit), bit),
+                                                        _mm256_set1_epi8((char)(1 << j))));
+            }
+            top = m;
+        }
+        const __m256i l = _mm256_loadu_si256((const __m256i *)(o->p0 + i0 + t));
+        __m256i w0 = _mm256_unpacklo_epi8(l, top), w1 = _mm256_unpackhi_epi8(l, top); /* words 0-7 16-23, 8-15 24-31 */
+        w0 = _mm256_or_si256(_mm256_srli_epi16(w0, 1), _mm256_slli_epi16(w0, 15));
+        w1 = _mm256_or_si256(_mm256_srli_epi16(w1, 1), _mm256_slli_epi16(w1, 15));
+        _mm256_storeu_si256((__m256i *)(o->o2 + i0 + t), _mm256_permute2x128_si256(w0, w1, 0x20));
+        _mm256_storeu_si256((__m256i *)(o->o2 + i0 + t + 16), _mm256_permute2x128_si256(w0, w1, 0x31));
+    }
+    *pt = t;
+    return 0;
+}
+#endif
+
 static int decode_seg(const Out *o, Stream *st, const uint8_t *res, Py_ssize_t i0, Py_ssize_t n, const uint8_t *bv,
                       uint8_t bc, const uint8_t *ecls) {
     Py_ssize_t t = 0;
+#ifdef HAVE_DECODE_AVX2
+    if (decode_avx2_ok && o->ws == 2 && decode_seg_avx2(o, st, res, i0, n, bv, bc, ecls, &t)) return -1;
+#endif
 #if defined(__SSE2__)
     if (o->ws == 2) { /* 16 words per step; a step with an escape patches its top bytes one by one */
-        const __m128i m15 = _mm_set1_epi8(15), vb = _mm_set1_epi8((char)bc);
-        for (; t + 16 <= n; t += 16) {
+        const __m128i m15 = _mm_set1_epi8(15), vb = _mm_set1_epi8((char)bc), f8 = _mm_set1_epi8((char)0xF8);
+        Py_ssize_t n16 = n; /* with split mantissa bits a step reads 4 bytes of each bit-plane, from its first
+                             * word's byte k / 8: steps stop where that would pass the planes' end */
+        if (o->m0 && (o->mlen - 3) * 8 - (o->moff + i0) + 15 < n16) n16 = (o->mlen - 3) * 8 - (o->moff + i0) + 15;
+        for (; t + 16 <= n16; t += 16) {
             const __m128i r = _mm_loadu_si128((const __m128i *)(res + t));
             int mask = o->nibbles ? _mm_movemask_epi8(_mm_cmpeq_epi8(r, m15)) : 0;
             __m128i top = _mm_add_epi8(r, bv ? _mm_loadu_si128((const __m128i *)(bv + t)) : vb);
@@ -75,6 +166,12 @@ static int decode_seg(const Out *o, Stream *st, const uint8_t *res, Py_ssize_t i
                     buf[lane] = es->esc[es->e++];
                 }
                 top = _mm_loadu_si128((const __m128i *)buf);
+            }
+            if (o->m0) {
+                const Py_ssize_t k = o->moff + i0 + t;
+                top = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(top, 3), f8),
+                                   _mm_or_si128(plane_bits16(o->m0, k, 0),
+                                                _mm_or_si128(plane_bits16(o->m1, k, 1), plane_bits16(o->m2, k, 2))));
             }
             const __m128i l = _mm_loadu_si128((const __m128i *)(o->p0 + i0 + t));
             __m128i w0 = _mm_unpacklo_epi8(l, top), w1 = _mm_unpackhi_epi8(l, top);
@@ -174,19 +271,22 @@ static int decode_run(const Out *o, Stream *st, Py_ssize_t i0, Py_ssize_t n, uin
  * streams:  K buffers, class c's residuals: its rows one after another; when by_cols, row by row across its
  *           columns. Two per byte (low nibble first, 15 = escape) when nibbles, else one per byte.
  * escapes:  K buffers, the top bytes of each stream's escaped words, in order; each must be used up exactly.
+ * mantissa: None, or (float16 with split exponents: ws 2, nibbles, shift 0) 3 bit-planes of ceil(n / 8) bytes each,
+ *           bit k of plane j = bit j of word k's mantissa bits m (n: the words of `out`); the top byte is then
+ *           (top << 3 | m) mod 256, top the residual + base (or the escape byte).
  * Word (y, x) = rotr1(top << (8 ws - 8) | planes[ws - 2] << (8 ws - 16) | ... | planes[0]).
  */
 static PyObject *decode(PyObject *self, PyObject *args) {
     Py_buffer out, cls, bases;
-    PyObject *planes, *streams, *escapes;
+    PyObject *planes, *streams, *escapes, *mantissa = Py_None;
     Py_ssize_t offset, rows, cols;
     int by_cols, shift, nibbles;
-    if (!PyArg_ParseTuple(args, "w*Onnniy*y*iiOO", &out, &planes, &offset, &rows, &cols, &by_cols, &cls, &bases,
-                          &shift, &nibbles, &streams, &escapes))
+    if (!PyArg_ParseTuple(args, "w*Onnniy*y*iiOO|O", &out, &planes, &offset, &rows, &cols, &by_cols, &cls, &bases,
+                          &shift, &nibbles, &streams, &escapes, &mantissa))
         return NULL;
-    PyObject *pseq = NULL, *sseq = NULL, *eseq = NULL;
-    Py_buffer pbuf[3], sbuf[MAX_CLASSES], ebuf[MAX_CLASSES];
-    Py_ssize_t np_ = 0, got_p = 0, got_s = 0, got_e = 0, K = 0;
+    PyObject *pseq = NULL, *sseq = NULL, *eseq = NULL, *mseq = NULL;
+    Py_buffer pbuf[3], sbuf[MAX_CLASSES], ebuf[MAX_CLASSES], mbuf[3];
+    Py_ssize_t np_ = 0, got_p = 0, got_s = 0, got_e = 0, got_m = 0, K = 0;
     uint8_t *bv = NULL, *tmp = NULL, *row = NULL;
     const char *err = NULL;
     char msg[160];
@@ -207,7 +307,18 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(sseq, got_s), &sbuf[got_s], PyBUF_SIMPLE) < 0) goto done;
     for (; got_e < K; got_e++)
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(eseq, got_e), &ebuf[got_e], PyBUF_SIMPLE) < 0) goto done;
+    if (mantissa != Py_None) {
+        if (!(mseq = PySequence_Fast(mantissa, "mantissa must be None or a sequence of 3 buffers"))) goto done;
+        if (PySequence_Fast_GET_SIZE(mseq) != 3 || ws != 2 || !nibbles || shift) {
+            err = "split mantissa bits need 3 bit-planes, word size 2, nibbles and shift 0";
+            goto done;
+        }
+        for (; got_m < 3; got_m++)
+            if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(mseq, got_m), &mbuf[got_m], PyBUF_SIMPLE) < 0) goto done;
+    }
     const Py_ssize_t n = out.len / ws, n_lines = by_cols ? cols : rows;
+    for (Py_ssize_t j = 0; j < got_m; j++)
+        if (mbuf[j].len != (n + 7) / 8) { err = "a mantissa bit-plane does not match the section length"; goto done; }
     if (out.len % ws || rows < 0 || cols < 0 || offset < 0 || offset > n || (cols && rows > (n - offset) / cols) ||
         cls.len != n_lines || bases.len != n_lines || shift < 0 || shift > 7 || (by_cols != 0 && by_cols != 1)) {
         err = "decode: inconsistent sizes";
@@ -224,7 +335,9 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     }
     Out o = {(int)ws, nibbles, (const uint8_t *)pbuf[0].buf + offset,
              ws == 4 ? (const uint8_t *)pbuf[1].buf + offset : NULL, ws == 4 ? (const uint8_t *)pbuf[2].buf + offset : NULL,
-             (uint16_t *)out.buf + offset, (uint32_t *)out.buf + offset};
+             (uint16_t *)out.buf + offset, (uint32_t *)out.buf + offset,
+             got_m ? (const uint8_t *)mbuf[0].buf : NULL, got_m ? (const uint8_t *)mbuf[1].buf : NULL,
+             got_m ? (const uint8_t *)mbuf[2].buf : NULL, offset, (n + 7) / 8};
     if (!(tmp = malloc((size_t)K * BATCH)) || !(bv = malloc((size_t)n_lines + 1)) ||
         (by_cols && !(row = malloc((size_t)cols + 32)))) {
         PyErr_NoMemory();
@@ -269,7 +382,8 @@ done:
     for (Py_ssize_t j = 0; j < got_p; j++) PyBuffer_Release(&pbuf[j]);
     for (Py_ssize_t j = 0; j < got_s; j++) PyBuffer_Release(&sbuf[j]);
     for (Py_ssize_t j = 0; j < got_e; j++) PyBuffer_Release(&ebuf[j]);
-    Py_XDECREF(pseq); Py_XDECREF(sseq); Py_XDECREF(eseq);
+    for (Py_ssize_t j = 0; j < got_m; j++) PyBuffer_Release(&mbuf[j]);
+    Py_XDECREF(pseq); Py_XDECREF(sseq); Py_XDECREF(eseq); Py_XDECREF(mseq);
     PyBuffer_Release(&out); PyBuffer_Release(&cls); PyBuffer_Release(&bases);
     if (err) PyErr_SetString(PyExc_ValueError, err);
     if (err || PyErr_Occurred()) return NULL;
@@ -1082,6 +1196,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
 #ifdef HAVE_TIED_AVX2
     __builtin_cpu_init();
     expand16_init();
+    decode_avx2_ok = __builtin_cpu_supports("avx2") && !getenv("BBF_NO_AVX2");
     tied_avx2_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
                    !getenv("BBF_NO_AVX2"); /* (the tests compare both paths) */
 #endif

@@ -23,9 +23,10 @@ ESCAPE = 15  # nibble value: the word's top byte is in the escape stream
 
 
 def decode_numpy(out, planes, offset: int, rows: int, cols: int, by_cols: bool, classes, bases, shift: int,
-                 nibbles: bool, streams, escapes) -> None:
+                 nibbles: bool, streams, escapes, mantissa=None) -> None:
     """Write the words of one piece (rows x cols words from word `offset` of `out`): `streams[c]` holds the
-    residuals of class c, `escapes[c]` its escaped top bytes. See `decode` in _kernels.c for the arguments."""
+    residuals of class c, `escapes[c]` its escaped top bytes; `mantissa`: None, or float16's split mantissa bits (3
+    bit-planes). See `decode` in _kernels.c for the arguments."""
     ws = len(planes) + 1
     wd = {2: np.uint16, 4: np.uint32}.get(ws)
     o = np.frombuffer(out, np.uint8) if not isinstance(out, np.ndarray) else out.reshape(-1).view(np.uint8)
@@ -45,6 +46,14 @@ def decode_numpy(out, planes, offset: int, rows: int, cols: int, by_cols: bool, 
     lo = [np.frombuffer(p, np.uint8) for p in planes]
     if any(p.size != o.size // ws for p in lo):
         raise ValueError("a byte plane does not match the section length")
+    m3 = None
+    if mantissa is not None:
+        if len(mantissa) != 3 or ws != 2 or not nibbles or shift:
+            raise ValueError("split mantissa bits need 3 bit-planes, word size 2, nibbles and shift 0")
+        bits = [np.frombuffer(m, np.uint8) for m in mantissa]
+        if any(b.size != (o.size // ws + 7) // 8 for b in bits):
+            raise ValueError("a mantissa bit-plane does not match the section length")
+        m3 = sum(np.unpackbits(b, bitorder="little")[:o.size // ws] << np.uint8(j) for j, b in enumerate(bits))
     o = o.view(wd)
     grid = np.arange(rows * cols).reshape(rows, cols)
     for k, (stream, escs) in enumerate(zip(streams, escapes)):
@@ -73,8 +82,10 @@ def decode_numpy(out, planes, offset: int, rows: int, cols: int, by_cols: bool, 
         if where.size != esc.size:
             raise ValueError(f"class {k} used {where.size} escapes, the header declares {esc.size}")
         t.reshape(-1)[where] = esc
-        w = t.astype(wd) << wd(8 * ws - 8)
         idx = (grid[:, lines] if by_cols else grid[lines]).reshape(-1) + offset
+        if m3 is not None:  # split exponents: the top byte is (exponent << 3 | the word's 3 mantissa bits)
+            t = (t.reshape(-1) << np.uint8(3)) | m3[idx]
+        w = t.astype(wd) << wd(8 * ws - 8)
         for j, p in enumerate(lo):
             w |= p[idx].reshape(w.shape).astype(wd) << wd(8 * j)
         o[idx] = ((w >> wd(1)) | (w << wd(8 * ws - 1))).reshape(-1)
@@ -324,9 +335,10 @@ try:
     def triangle(out, offset, ld, k, lower, tri) -> None:
         _kernels.triangle(out, offset, ld, k, int(lower), tri)
 
-    def decode(out, planes, offset, rows, cols, by_cols, classes, bases, shift, nibbles, streams, escapes) -> None:
+    def decode(out, planes, offset, rows, cols, by_cols, classes, bases, shift, nibbles, streams, escapes,
+               mantissa=None) -> None:
         _kernels.decode(out, planes, offset, rows, cols, int(by_cols), classes, bases, shift, int(nibbles), streams,
-                        escapes)
+                        escapes, mantissa)
 
     crc32 = _kernels.crc32 if _kernels.CLMUL else crc32_zlib  # zlib's beats a byte table
     rans_table, rans_encode, pack_bits = _kernels.rans_table, _kernels.rans_encode, _kernels.pack_bits

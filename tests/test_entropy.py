@@ -129,10 +129,69 @@ def test_escapes_and_byte_fallback(zero_fraction):
     x = rng.standard_normal((200, 100)) * 0.02
     x[rng.random(x.shape) < zero_fraction] = 0
     x[0, 0], x[1, 1] = 3e4, -1e-30  # outliers on both sides
-    for dtype in ("bfloat16", "float32"):
+    for dtype in ("bfloat16", "float32", "float16"):
         method, stored = roundtrip(words_of(x, dtype).tobytes(), word_size(dtype), (Segment(0, 200, 100),), dtype)
         assert method == entropy.METHOD_PLANES
         assert bool(stored[1] & entropy.FLAG_NIBBLES) == (zero_fraction < entropy.MAX_ESCAPE_FRACTION)
+        # float16 splits its exponents off whenever it uses nibbles (SPEC 13.4), and only then
+        assert bool(stored[1] & entropy.FLAG_SPLIT) == (dtype == "float16" and bool(stored[1] & entropy.FLAG_NIBBLES))
+
+
+def test_float16_split_exponents_halve_the_symbols_at_a_small_cost():
+    """SPEC 13.4: float16 nibbles code the exponent alone (one nibble a word, two a byte symbol, as bfloat16), its 3
+    top mantissa bits are bit-planes; against coding the (exponent, 3 mantissa bits) bytes the symbols halve and the
+    section grows by less than 0.3 bits a word."""
+    x = pca_like(600, 192, seed=9)
+    payload, segs = words_of(x, "float16").tobytes(), (Segment(0, 600, 192),)
+    method, stored = roundtrip(payload, 2, segs, "float16")
+    assert stored[1] == entropy.FLAG_NIBBLES | entropy.FLAG_SPLIT
+    n = len(payload) // 2
+    bytes_coded = entropy._encode_words(np.frombuffer(payload, np.uint16), segs, "float16", 3, split=False)
+    assert bytes_coded[1] == 0 and bytes(entropy.decompress(1, bytes_coded, len(payload), 2, "float16")) == payload
+    assert 0 < (len(stored) - len(bytes_coded)) * 8 / n < 0.3
+    # the reader's checks: split needs float16 and nibbles, and a mantissa stream of exactly 3 ceil(N / 8) bytes
+    with pytest.raises(FormatError, match="split exponents need float16"):
+        entropy.decompress(1, stored, len(payload), 2, "bfloat16")
+    with pytest.raises(FormatError, match="split exponents need float16"):
+        entropy.decompress(1, stored[:1] + bytes([entropy.FLAG_SPLIT]) + stored[2:], len(payload), 2, "float16")
+    with pytest.raises(FormatError, match="unknown flags"):
+        entropy.decompress(1, stored[:1] + bytes([stored[1] | 4]) + stored[2:], len(payload), 2, "float16")
+
+
+def test_decode_kernels_without_avx2_give_the_same_words():
+    """The SSE2 path (BBF_NO_AVX2=1, what a CPU without AVX2 runs) decodes every dtype's sections, split float16
+    included, to the same words as the default path."""
+    import os
+    import subprocess
+    import sys
+
+    from bbformat import kernels
+    if not kernels.COMPILED:
+        pytest.skip("the compiled kernels are not built")
+    script = """
+import hashlib, numpy as np, torch
+from bbformat.codecs import entropy
+from bbformat.codecs.base import Segment
+from bbformat.words import to_words
+rng = np.random.default_rng(4)
+x = rng.standard_normal((310, 97)) * np.exp(-np.arange(97) / 25) * 0.05
+x[rng.random(x.shape) < 0.02] = 0
+h = hashlib.sha256()
+for dtype in ("float16", "bfloat16", "float32"):
+    w = to_words(torch.from_numpy(x.astype(np.float32)), dtype)
+    segs = (Segment(5, 300, 97),)
+    method, stored = entropy.compress(w.tobytes(), w.itemsize, segs, dtype, method=1)
+    out = bytes(entropy.decompress(method, stored, w.nbytes, w.itemsize, dtype))
+    assert out == w.tobytes(), dtype
+    h.update(out)
+print(h.hexdigest())
+"""
+    outs = []
+    for env in ({}, {"BBF_NO_AVX2": "1"}):
+        r = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout.strip())
+    assert outs[0] == outs[1] and len(outs[0]) == 64
 
 
 def test_float32_from_bfloat16_compresses_its_zero_mantissa_planes():

@@ -655,22 +655,33 @@ def test_interpretation_swaps_that_change_a_size_are_refused(bases, tmp_path):
 def test_float16_bfloat16_swap_is_the_documented_limit(tmp_path):
     """SPEC 7.1: a consistent rewrite of the header with its CRC recomputed is not detected (no checksum without a
     key can detect a deliberate edit). Sections stored as they are read bit for bit under the other dtype; entropy
-    coded ones decode to other words (the stage's exponent layout depends on the dtype), also without an error."""
+    coded ones decode to other words (the stage's exponent layout depends on the dtype), also without an error,
+    unless they record their dtype's geometry: method 2's mantissa bits, method 1's split float16 exponents."""
     desc = tiny_desc("llama", num_layers=1, hidden_size=32, vocab_size=64, widths=(24, 16, 28))
     tensors = random_slicegpt(desc, seed=4, dtype=torch.float16)
+    refused = {"small": "mantissa bits", "auto": "split exponents need float16"}
     for compression in ("none", "auto", "small"):
         path = tmp_path / f"{compression}.bbf"
         bbformat.save(tensors, str(path), model=desc, compression=compression)
         base = fuzz.Base.from_bytes(compression, path.read_bytes())
         swapped = str(mutate(base, tmp_path, fuzz.Mutation("dtype-swap", None, "set", "bfloat16")))
-        if compression == "small":  # entropy method 2 records its dtype's word geometry: the swap is refused
-            with pytest.raises(bbformat.FormatError, match="mantissa bits"):
+        if compression in refused:
+            with pytest.raises(bbformat.FormatError, match=refused[compression]):
                 bbformat.load(swapped)
             continue
         got = bbformat.load(swapped)
         same = [torch.equal(got[n].view(torch.int16), t.view(torch.int16)) for n, t in tensors.items()]
         assert all(got[n].dtype == torch.bfloat16 for n in tensors)
-        assert all(same) if compression == "none" else not all(same)
+        assert all(same)
+    # the other way, bfloat16 -> float16: method 1's bfloat16 layout decodes to other words without an error
+    tensors = random_slicegpt(desc, seed=4, dtype=torch.bfloat16)
+    path = tmp_path / "bf16.bbf"
+    bbformat.save(tensors, str(path), model=desc, dtype="bfloat16")
+    swapped = str(mutate(fuzz.Base.from_bytes("bf16", path.read_bytes()), tmp_path,
+                         fuzz.Mutation("dtype-swap", None, "set", "float16")))
+    got = bbformat.load(swapped)
+    assert all(got[n].dtype == torch.float16 for n in tensors)
+    assert not all(torch.equal(got[n].view(torch.int16), t.view(torch.int16)) for n, t in tensors.items())
     spec = (ROOT / "SPEC.md").read_text()
     assert "### 7.1" in spec and "dtype swap" in spec
 

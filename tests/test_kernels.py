@@ -81,6 +81,46 @@ def test_decode_matches_reference(ws, by_cols, nibbles, shape):
 
 
 @compiled
+@pytest.mark.parametrize("by_cols", [False, True])
+@pytest.mark.parametrize("shape", [(7, 33), (40, 64), (1, 101), (16, 95), (70, 130), (3, 600)])
+@pytest.mark.parametrize("offset", [0, 77, 13])
+def test_decode_split_mantissa_matches_reference(by_cols, shape, offset):
+    """float16 with split exponents (SPEC 13.4): the top byte is (exponent << 3 | 3 mantissa bits from bit-planes),
+    at any word offset (the SIMD path reads the planes 16 words at a time, the tail word by word)."""
+    rows, cols = shape
+    rng = np.random.default_rng(rows * cols + by_cols + offset)
+    k = 1 if (cols if by_cols else rows) == 1 else 3
+    case = piece_case(rng, rows, cols, by_cols, k, True, 0.05)
+    n = offset + rows * cols + 40
+    planes = [rng.integers(0, 256, n).astype(np.uint8)]
+    mant = [rng.integers(0, 256, (n + 7) // 8).astype(np.uint8) for _ in range(3)]
+    outs = []
+    for fn in (kernels.decode_numpy, kernels._kernels.decode):
+        out = np.full(n, 0xAAAA, np.uint16)
+        classes, bases, streams, escapes = case
+        fn(out, planes, offset, rows, cols, int(by_cols), classes, bases, 0, 1, streams, escapes, mant)
+        outs.append(out)
+    np.testing.assert_array_equal(*outs)
+    assert (outs[1][:offset] == 0xAAAA).all() and (outs[1][offset + rows * cols:] == 0xAAAA).all()
+    # the last word against the definition
+    classes, bases, streams, escapes = case
+    y, x = rows - 1, cols - 1
+    line = x if by_cols else y
+    c = classes[line]
+    mates = np.flatnonzero(classes == c)
+    pos = y * mates.size + (x - mates[0]) if by_cols else int(np.searchsorted(mates, y)) * cols + x
+    sym = (streams[c][pos >> 1] >> (4 * (pos & 1))) & 15
+    e = int(escapes[c][-1]) if sym == kernels.ESCAPE else (int(sym) + int(bases[line])) & 255
+    i = offset + y * cols + x
+    m = sum(((int(mant[j][i >> 3]) >> (i & 7)) & 1) << j for j in range(3))
+    word = (((e << 3) | m) & 255) << 8 | int(planes[0][i])
+    assert int(outs[1][i]) == (word >> 1) | ((word & 1) << 15)
+    with pytest.raises(ValueError, match="bit-plane"):
+        kernels._kernels.decode(np.zeros(n, np.uint16), planes, offset, rows, cols, int(by_cols), *case[:2], 0, 1,
+                                case[2], case[3], [m[:-1] for m in mant])
+
+
+@compiled
 @pytest.mark.parametrize("fn", ["decode_numpy", "c"])
 def test_decode_rejects_bad_input(fn):
     fn = kernels.decode_numpy if fn == "decode_numpy" else kernels._kernels.decode
