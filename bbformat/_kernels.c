@@ -904,6 +904,52 @@ __attribute__((target("avx2,f16c"))) static uint32_t tied_row16_avx2(uint16_t *o
     const uint8_t *nib = rs->nib, *esc = rs->esc;
     Py_ssize_t g = rs->g, ei = rs->e;
     const Py_ssize_t n_esc = rs->n_esc;
+    const __m256i top16 = _mm256_set1_epi16((short)0x8000), one16 = _mm256_set1_epi16(1);
+    const __m256i expm16 = _mm256_set1_epi16(kind == 0 ? 0x7F80 : 0x7C00);
+    __m256i nonfinite16 = _mm256_setzero_si256();
+    for (; j + 16 <= n && (g >> 1) + 8 <= nib_len && ei + 16 <= n_esc; j += 16, g += 16) { /* 16 words a step */
+        const __m256i ew = _mm256_loadu_si256((const __m256i *)(e + j));
+        nonfinite16 = _mm256_or_si256(nonfinite16, _mm256_cmpeq_epi16(_mm256_and_si256(ew, expm16), expm16));
+        const __m128i e0 = _mm256_castsi256_si128(ew), e1 = _mm256_extracti128_si256(ew, 1);
+        const __m256 c0 = _mm256_loadu_ps(c + j), c1 = _mm256_loadu_ps(c + j + 8);
+        __m256i w;
+        if (kind == 0) {
+            const __m256i rnd = _mm256_set1_epi32(0x7FFF), lsb = _mm256_set1_epi32(1);
+            const __m256i b0 = _mm256_castps_si256(_mm256_mul_ps(
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(e0), 16)), c0));
+            const __m256i b1 = _mm256_castps_si256(_mm256_mul_ps(
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(e1), 16)), c1));
+            const __m256i r0 = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b0, rnd),
+                                                                  _mm256_and_si256(_mm256_srli_epi32(b0, 16), lsb)), 16);
+            const __m256i r1 = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b1, rnd),
+                                                                  _mm256_and_si256(_mm256_srli_epi32(b1, 16), lsb)), 16);
+            w = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8); /* (packus works per 128-bit lane) */
+        } else {
+            const int rd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+            w = _mm256_set_m128i(_mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(e1), c1), rd),
+                                 _mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(e0), c0), rd));
+        }
+        const __m128i v = _mm_loadl_epi64((const __m128i *)(nib + (g >> 1))), m4 = _mm_set1_epi8(15);
+        __m256i zw = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+        const __m256i is_esc = _mm256_cmpeq_epi16(zw, _mm256_set1_epi16(15));
+        const unsigned em = (unsigned)_mm_movemask_epi8(_mm_packs_epi16(_mm256_castsi256_si128(is_esc),
+                                                                        _mm256_extracti128_si256(is_esc, 1)));
+        const __m128i x0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(esc + ei * 2)),
+                                            _mm_loadu_si128((const __m128i *)expand16[em & 0xFF]));
+        ei += __builtin_popcount(em & 0xFF);
+        const __m128i x1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(esc + ei * 2)),
+                                            _mm_loadu_si128((const __m128i *)expand16[em >> 8]));
+        ei += __builtin_popcount(em >> 8);
+        zw = _mm256_blendv_epi8(zw, _mm256_set_m128i(x1, x0), is_esc);
+        const __m256i key = _mm256_xor_si256(w, _mm256_or_si256(_mm256_srai_epi16(w, 15), top16));
+        const __m256i d = _mm256_xor_si256(_mm256_srli_epi16(zw, 1),
+                                           _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_and_si256(zw, one16)));
+        const __m256i k = _mm256_add_epi16(key, d);
+        _mm256_storeu_si256((__m256i *)(o + j),
+                            _mm256_xor_si256(k, _mm256_or_si256(_mm256_xor_si256(_mm256_srai_epi16(k, 15),
+                                                                                 _mm256_set1_epi16(-1)), top16)));
+    }
+    bad |= !_mm256_testz_si256(nonfinite16, nonfinite16);
     for (; j + 8 <= n && (g >> 1) + 4 <= nib_len && ei + 8 <= n_esc; j += 8, g += 8) {
         const __m128i ew = _mm_loadu_si128((const __m128i *)(e + j));
         nonfinite = _mm_or_si128(nonfinite, _mm_cmpeq_epi16(_mm_and_si128(ew, expm), expm));
