@@ -772,9 +772,9 @@ def _stream_window(stored, data0: int, ref: _StreamRef, a: int, b: int, chunk: i
                    alloc) -> np.ndarray:
     """Bytes [a, b) of a stream: a view when stored, else (part of) a buffer that `tasks` fill with the chunks
     covering them (`_window_scratch` bytes)."""
-    if ref.stored:
+    if ref.stored or b <= a:
         s0 = ref.chunks[0][2] if ref.chunks else 0
-        return np.frombuffer(stored[data0 + s0 + a: data0 + s0 + b], np.uint8)
+        return np.frombuffer(stored[data0 + s0 + a: data0 + s0 + max(a, b)], np.uint8)
     c0, c1 = a // chunk, -(-b // chunk)
     start = c0 * chunk
     buf = alloc(_window_scratch(ref, a, b, chunk))
