@@ -79,7 +79,7 @@ _WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 def compress(payload: bytes, word_size: int, segments: Sequence[Segment], dtype: str, level: int = 3,
              method: int | None = None, small: bool = False) -> tuple[int, bytes]:
     """Entropy-code one section payload: (method, stored bytes), the smallest of method 0 and method 1, and with
-    `small` also of method 2 (0.3-0.7 % of a model smaller, but decoding ~4x slower: an archive's choice, not the
+    `small` also of method 2 (~1 % of a model smaller, but decoding ~4x slower: an archive's choice, not the
     default). `method`: only that one, or method 0 where it is smaller (for tests and benchmarks)."""
     _check_kind(word_size, dtype, BBFError)
     raw_len = len(payload)
