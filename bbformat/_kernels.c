@@ -22,6 +22,7 @@
 #define ESCAPE 15
 #define MAX_CLASSES 16
 #define BATCH 2048 /* nibbles unpacked at a time per stream, into a buffer that stays in L1 */
+#define SLACK 32   /* take() may write up to 31 bytes past what it was asked for */
 
 /* Where the words go: shared by a piece's streams. */
 typedef struct {
@@ -195,28 +196,8 @@ static int decode_seg(const Out *o, Stream *st, const uint8_t *res, Py_ssize_t i
     return 0;
 }
 
-/* Unpack the stream's next m nibbles (m <= BATCH; the position is even) into its tmp, one byte each. */
-static void unpack_nibbles(Stream *st, Py_ssize_t m) {
-    const uint8_t *s = st->s + (st->q >> 1);
-    uint8_t *tmp = st->tmp;
-    Py_ssize_t t = 0;
-#if defined(__SSE2__)
-    const __m128i m15 = _mm_set1_epi8(15);
-    for (; t + 32 <= m; t += 32) {
-        const __m128i v = _mm_loadu_si128((const __m128i *)(s + (t >> 1)));
-        const __m128i lo = _mm_and_si128(v, m15), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
-        _mm_storeu_si128((__m128i *)(tmp + t), _mm_unpacklo_epi8(lo, hi));
-        _mm_storeu_si128((__m128i *)(tmp + t + 16), _mm_unpackhi_epi8(lo, hi));
-    }
-#endif
-    for (; t < m; t++) tmp[t] = (t & 1) ? s[t >> 1] >> 4 : s[t >> 1] & 15;
-    st->q += m;
-    st->u = 0;
-    st->avail = m;
-}
-
 /* The stream's next n residuals into dst, nibbles unpacked (a by_cols piece's streams are read only so, from any
- * nibble position; a row piece's go through unpack_nibbles' batches). dst has room for n + 31 bytes: the bytes
+ * nibble position; a row piece's in unpack_nibbles' batches). dst has room for n + SLACK - 1 bytes: the bytes
  * after the n may be overwritten (with the next class's residuals of the same row, filled in after them). */
 static void take(const Out *o, Stream *st, uint8_t *dst, Py_ssize_t n) {
     Py_ssize_t q = st->q, t = 0;
@@ -241,12 +222,19 @@ static void take(const Out *o, Stream *st, uint8_t *dst, Py_ssize_t n) {
     st->q = q - (t - n); /* (t - n: the residuals unpacked past n) */
 }
 
+/* Unpack the stream's next m nibbles (m <= BATCH) into its tmp, one byte each (tmp has take's slack). */
+static void unpack_nibbles(const Out *o, Stream *st, Py_ssize_t m) {
+    take(o, st, st->tmp, m);
+    st->u = 0;
+    st->avail = m;
+}
+
 /* The stream's next n symbols -> the words at piece positions i0 .. i0 + n - 1 (see decode_seg). */
 static int decode_run(const Out *o, Stream *st, Py_ssize_t i0, Py_ssize_t n, uint8_t bc) {
     for (Py_ssize_t done = 0, len; done < n; done += len) {
         const uint8_t *res;
         if (o->nibbles) {
-            if (st->u == st->avail) unpack_nibbles(st, st->total - st->q < BATCH ? st->total - st->q : BATCH);
+            if (st->u == st->avail) unpack_nibbles(o, st, st->total - st->q < BATCH ? st->total - st->q : BATCH);
             len = n - done < st->avail - st->u ? n - done : st->avail - st->u;
             res = st->tmp + st->u;
             st->u += len;
@@ -338,8 +326,8 @@ static PyObject *decode(PyObject *self, PyObject *args) {
              (uint16_t *)out.buf + offset, (uint32_t *)out.buf + offset,
              got_m ? (const uint8_t *)mbuf[0].buf : NULL, got_m ? (const uint8_t *)mbuf[1].buf : NULL,
              got_m ? (const uint8_t *)mbuf[2].buf : NULL, offset, (n + 7) / 8};
-    if (!(tmp = malloc((size_t)K * BATCH)) || !(bv = malloc((size_t)n_lines + 1)) ||
-        (by_cols && !(row = malloc((size_t)cols + 32)))) {
+    if (!(tmp = malloc((size_t)K * (BATCH + SLACK))) || !(bv = malloc((size_t)n_lines + 1)) ||
+        (by_cols && !(row = malloc((size_t)cols + SLACK)))) {
         PyErr_NoMemory();
         goto done;
     }
@@ -351,7 +339,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
             goto done;
         }
         st[c] = (Stream){(const uint8_t *)sbuf[c].buf, 0, total, (const uint8_t *)ebuf[c].buf, 0, ebuf[c].len,
-                         tmp + c * BATCH, 0, 0};
+                         tmp + c * (BATCH + SLACK), 0, 0};
     }
     for (Py_ssize_t j = 0; j < n_lines; j++) bv[j] = (uint8_t)(b8[j] << shift);
     int bad = 0;
